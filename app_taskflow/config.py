@@ -1,0 +1,211 @@
+"""Configuration files: environment variables, pydantic validation and clear errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from app_taskflow.errors import ConfigurationError
+
+_ENV_REFERENCE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MemoryStoreSettings(_Section):
+    """A store in process memory: for tests; nothing survives a restart."""
+
+    kind: Literal["memory"]
+
+
+class SqliteStoreSettings(_Section):
+    """The embedded SQLite store: one file shared by the processes of one host."""
+
+    kind: Literal["sqlite"]
+    path: str = Field(min_length=1, description="Path of the database file.")
+    busy_timeout: float = Field(default=30.0, gt=0, description="Seconds to wait for a lock.")
+
+
+StoreSettings = Annotated[
+    Union[MemoryStoreSettings, SqliteStoreSettings],  # noqa: UP007 - discriminated union
+    Field(discriminator="kind"),
+]
+
+
+class RunnerSettings(_Section):
+    """How many tasks run at once and how long they get at shutdown."""
+
+    max_concurrency: int = Field(default=100, ge=1)
+    sync_workers: int = Field(default=8, ge=1)
+    shutdown_grace: float = Field(default=10.0, ge=0)
+
+
+class LeaseSettings(_Section):
+    """Heartbeat and expiry of instance leases, and the polling interval, in seconds."""
+
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    expiry: float = Field(default=30.0, gt=0)
+    poll_interval: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_expiry(self) -> LeaseSettings:
+        if self.expiry <= self.heartbeat_interval:
+            raise ValueError(
+                f"leases.expiry ({self.expiry}) must be longer than "
+                f"leases.heartbeat_interval ({self.heartbeat_interval}), or every lease "
+                "would expire before its renewal"
+            )
+        return self
+
+
+class RetrySettings(_Section):
+    """Defaults for tasks that do not set their own retry options."""
+
+    retries: int = Field(default=0, ge=0)
+    delay: float = Field(default=1.0, ge=0)
+    backoff: float = Field(default=2.0, ge=1)
+    max_delay: float | None = Field(default=300.0, ge=0)
+    jitter: float = Field(default=0.1, ge=0, le=1)
+    delay_scale: float = Field(
+        default=1.0, ge=0, description="Factor on every retry delay; 0 makes retries immediate."
+    )
+
+
+class ApiSettings(_Section):
+    """Where the REST API is mounted."""
+
+    prefix: str = Field(default="/tasks", pattern=r"^/[A-Za-z0-9_\-/]*[A-Za-z0-9_\-]$")
+
+
+class TaskflowSettings(_Section):
+    """The whole configuration of one environment."""
+
+    store: StoreSettings
+    runner: RunnerSettings = RunnerSettings()
+    leases: LeaseSettings = LeaseSettings()
+    retry: RetrySettings = RetrySettings()
+    api: ApiSettings = ApiSettings()
+
+
+def load_settings(path: Path) -> TaskflowSettings:
+    """Read, expand and validate one configuration file.
+
+    ``${NAME}`` in a value is replaced by the environment variable ``NAME``, and
+    ``${NAME:-default}`` falls back to ``default`` when it is unset.
+
+    Raises:
+        ConfigurationError: the file is missing or unreadable, a variable is unset, or a
+            key or value is invalid; the message names the key and the allowed values.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigurationError(f"Cannot read configuration file {path}: {error}.") from error
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigurationError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigurationError(
+            f"{path} must hold a mapping of sections (store, runner, ...), not "
+            f"{type(data).__name__}."
+        )
+    return parse_settings(_expand_environment(data, path), source=str(path))
+
+
+def parse_settings(data: dict[str, Any], source: str = "configuration") -> TaskflowSettings:
+    """Validate a configuration mapping.
+
+    Raises:
+        ConfigurationError: a key or value is invalid; the message names each problem.
+    """
+    try:
+        return TaskflowSettings.model_validate(data)
+    except ValidationError as error:
+        problems = "\n".join(f"  - {_describe(item)}" for item in error.errors())
+        raise ConfigurationError(f"Invalid configuration in {source}:\n{problems}") from None
+
+
+def _expand_environment(value: Any, path: Path) -> Any:
+    if isinstance(value, dict):
+        return {key: _expand_environment(item, path) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expand_environment(item, path) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group("name"), match.group("default")
+        found = os.environ.get(name)
+        if found is not None:
+            return found
+        if default is not None:
+            return default
+        raise ConfigurationError(
+            f"{path} uses ${{{name}}}, but the environment variable {name} is not set. "
+            f"Set it, or give a default as ${{{name}:-value}}."
+        )
+
+    expanded = _ENV_REFERENCE.sub(replace, value)
+    if expanded != value:
+        # A whole value taken from the environment is parsed as YAML, so numbers stay numbers.
+        try:
+            return yaml.safe_load(expanded) if expanded.strip() else expanded
+        except yaml.YAMLError:
+            return expanded
+    return value
+
+
+def _describe(item: Any) -> str:
+    location = tuple(item["loc"])
+    key = ".".join(str(part) for part in location if not _is_tag(location, part))
+    if item["type"] == "extra_forbidden":
+        allowed = _allowed_keys(location[:-1])
+        return f"unknown key {key!r}; allowed keys here: {', '.join(allowed)}"
+    if item["type"] == "union_tag_invalid":
+        tags = item["ctx"]["expected_tags"]
+        return f"{key}.kind: unknown store kind {item['ctx']['tag']!r}; allowed kinds: {tags}"
+    if item["type"] == "union_tag_not_found":
+        return f"{key}.kind is missing; allowed kinds: 'memory', 'sqlite'"
+    if item["type"] == "missing":
+        return f"{key} is missing"
+    value = item.get("input")
+    return f"{key}: invalid value {value!r}: {item['msg']}"
+
+
+def _is_tag(location: tuple[Any, ...], part: Any) -> bool:
+    # Pydantic puts the discriminator's value in the location of errors inside a union.
+    return len(location) > 1 and location[0] == "store" and part in ("memory", "sqlite")
+
+
+def _allowed_keys(location: tuple[Any, ...]) -> list[str]:
+    model: Any = TaskflowSettings
+    for part in location:
+        if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+            model = model.model_fields[part].annotation
+        elif part in ("memory", "sqlite"):
+            model = MemoryStoreSettings if part == "memory" else SqliteStoreSettings
+        else:
+            return []
+        model = _unwrap(model)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return annotation  # Resolved by the discriminator tag that follows in the location.
+    return annotation

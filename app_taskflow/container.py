@@ -1,0 +1,111 @@
+"""TaskflowContainer: the dependency-injector container that wires store, policy and taskflow."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dependency_injector import containers, providers
+
+from app_taskflow.config import TaskflowSettings, load_settings
+from app_taskflow.dispatcher import DispatcherSettings
+from app_taskflow.errors import ConfigurationError
+from app_taskflow.stores.memory import MemoryStore
+from app_taskflow.stores.sql import SqlStore
+from app_taskflow.taskflow import Taskflow
+from app_taskflow.tasks import RetryPolicy
+
+ENVIRONMENT_VARIABLE = "APP_TASKFLOW_ENV"
+FOLDER_VARIABLE = "APP_TASKFLOW_CONTAINERS"
+DEFAULT_ENVIRONMENT = "development"
+
+
+def sqlite_url(path: str) -> str:
+    """Return the SQLAlchemy URL of a SQLite file, creating its folder if needed."""
+    file = Path(path).expanduser()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{file}"
+
+
+class TaskflowContainer(containers.DeclarativeContainer):
+    """The providers of one app's task system, configured from a file per environment.
+
+    Tests swap parts with overrides, for example
+    ``container.store.override(providers.Singleton(MemoryStore))``; the store is built
+    when the app starts, so an override made after importing the app still applies.
+    """
+
+    config = providers.Configuration(strict=True)
+
+    store = providers.Selector(
+        config.store.kind,
+        memory=providers.Singleton(MemoryStore),
+        sqlite=providers.Singleton(
+            SqlStore,
+            url=providers.Callable(sqlite_url, config.store.path),
+            busy_timeout=config.store.busy_timeout,
+        ),
+    )
+
+    retry_policy = providers.Singleton(
+        RetryPolicy,
+        retries=config.retry.retries,
+        delay=config.retry.delay,
+        backoff=config.retry.backoff,
+        max_delay=config.retry.max_delay,
+        jitter=config.retry.jitter,
+    )
+
+    dispatcher_settings = providers.Singleton(
+        DispatcherSettings,
+        max_concurrency=config.runner.max_concurrency,
+        sync_workers=config.runner.sync_workers,
+        shutdown_grace=config.runner.shutdown_grace,
+        heartbeat_interval=config.leases.heartbeat_interval,
+        lease_expiry=config.leases.expiry,
+        poll_interval=config.leases.poll_interval,
+        retry_delay_scale=config.retry.delay_scale,
+    )
+
+    taskflow = providers.Singleton(
+        Taskflow,
+        store_factory=store.provider,
+        default_policy=retry_policy,
+        settings=dispatcher_settings,
+        api_prefix=config.api.prefix,
+    )
+
+    @classmethod
+    def from_settings(cls, settings: TaskflowSettings) -> TaskflowContainer:
+        """Return a container configured from validated settings."""
+        container = cls()
+        container.config.from_dict(settings.model_dump())
+        return container
+
+    @classmethod
+    def from_environment(
+        cls, environment: str | None = None, folder: str | Path | None = None
+    ) -> TaskflowContainer:
+        """Return a container configured from ``<folder>/<environment>.yaml``.
+
+        Args:
+            environment: the environment's name; defaults to ``$APP_TASKFLOW_ENV``, then
+                ``development``.
+            folder: the folder of configuration files; defaults to
+                ``$APP_TASKFLOW_CONTAINERS``, then ``containers`` in the working directory.
+
+        Raises:
+            ConfigurationError: the file is missing, or a key or value in it is invalid.
+        """
+        name = environment or os.environ.get(ENVIRONMENT_VARIABLE) or DEFAULT_ENVIRONMENT
+        directory = Path(folder or os.environ.get(FOLDER_VARIABLE) or "containers")
+        path = directory / f"{name}.yaml"
+        if not path.is_file():
+            available = sorted(file.stem for file in directory.glob("*.yaml"))
+            raise ConfigurationError(
+                f"No configuration for environment {name!r}: {path.resolve()} does not "
+                f"exist. Available environments there: {', '.join(available) or 'none'}. "
+                f"Set {ENVIRONMENT_VARIABLE} to one of them, or pass folder= to "
+                "from_environment()."
+            )
+        return cls.from_settings(load_settings(path))

@@ -1,0 +1,416 @@
+"""Claiming and running tasks: concurrency, retry timers, leases, recovery and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+from app_taskflow.context import TaskContext
+from app_taskflow.logs import log
+from app_taskflow.models import (
+    AttemptOutcome,
+    RecoveryReport,
+    TaskRecord,
+    TaskStatus,
+    utcnow,
+)
+from app_taskflow.runner import Runner, decide_outcome
+from app_taskflow.stores.base import TaskStore
+from app_taskflow.tasks import TaskRegistry
+
+T = TypeVar("T")
+
+_STORE_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class DispatcherSettings:
+    """How many tasks run at once, and the timings of leases, polling and shutdown.
+
+    Attributes:
+        max_concurrency: tasks of this instance running at once, sync and async together.
+        sync_workers: threads for sync task functions.
+        heartbeat_interval: seconds between renewals of this instance's lease.
+        lease_expiry: seconds a lease lasts without renewal; after that, other instances
+            take back this instance's tasks.
+        poll_interval: seconds between looks for tasks that no instance owns.
+        shutdown_grace: seconds running tasks get to finish at shutdown.
+        retry_delay_scale: factor applied to every retry delay (0 makes retries immediate).
+    """
+
+    max_concurrency: int = 100
+    sync_workers: int = 8
+    heartbeat_interval: float = 5.0
+    lease_expiry: float = 30.0
+    poll_interval: float = 1.0
+    shutdown_grace: float = 10.0
+    retry_delay_scale: float = 1.0
+
+
+def new_instance_id() -> str:
+    """Return an id for this app instance: host, process id and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class Dispatcher:
+    """Claims tasks in the store and runs them, at most ``max_concurrency`` at a time.
+
+    A task runs only after ``store.claim`` gave it to this instance. Retry waits are timers
+    on the event loop, so a waiting task holds no thread and no concurrency slot.
+    """
+
+    def __init__(
+        self,
+        store: TaskStore,
+        registry: TaskRegistry,
+        runner: Runner,
+        settings: DispatcherSettings,
+        instance_id: str,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.instance_id = instance_id
+        self._registry = registry
+        self._runner = runner
+        self._settings = settings
+        self._clock = clock
+        self._queue: deque[tuple[str, str]] = deque()
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._contexts: dict[str, TaskContext] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._names: dict[str, str] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @property
+    def running_count(self) -> int:
+        """Number of tasks being claimed or run by this instance."""
+        return len(self._active)
+
+    async def start(self) -> None:
+        """Take the lease, recover orphaned tasks and start the background loops."""
+        now = self._clock()
+        await self.store.heartbeat(self.instance_id, now, self._lease_end(now))
+        self._log_recovery(await self.store.recover_expired(now))
+        self._loops = [
+            asyncio.create_task(self._heartbeat_loop(), name="app-taskflow-heartbeat"),
+            asyncio.create_task(self._poll_loop(), name="app-taskflow-poll"),
+        ]
+        log.info("Dispatcher started as instance {}", self.instance_id)
+
+    def submit(self, task_id: str, name: str) -> None:
+        """Queue a stored PENDING task to be claimed and run by this instance."""
+        if self._stopping:
+            return
+        self._names[task_id] = name
+        self._queue.append((task_id, name))
+        self._pump()
+
+    def request_cancel(self, task_id: str) -> bool:
+        """Ask a task that this instance is running to stop; return whether it runs here.
+
+        An async task is cancelled at once. A sync task cannot be stopped in its thread: it
+        sees ``current_task().cancel_requested`` and ends when its function returns.
+        """
+        context = self._contexts.get(task_id)
+        if context is None:
+            return False
+        context.request_cancel()
+        task = self._active.get(task_id)
+        definition = self._registry.get(context.task_name)
+        if task is not None and definition is not None and definition.is_async:
+            task.cancel()
+        return True
+
+    async def stop(self) -> None:
+        """Stop claiming, give running tasks the grace period, then hand the rest back."""
+        self._stopping = True
+        for loop_task in self._loops:
+            loop_task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._queue.clear()
+
+        still_running: set[asyncio.Task[None]] = set()
+        if self._active:
+            log.info(
+                "Waiting up to {} s for {} running task(s) to finish",
+                self._settings.shutdown_grace,
+                len(self._active),
+            )
+            _, still_running = await asyncio.wait(
+                list(self._active.values()), timeout=self._settings.shutdown_grace
+            )
+        await self._flush_logs()
+
+        report = await self._store_call(
+            "release tasks at shutdown", lambda: self.store.release(self.instance_id, self._clock())
+        )
+        if report is not None:
+            self._log_release(report)
+        for task in still_running:
+            task.cancel()
+        if still_running:
+            await asyncio.wait(still_running, timeout=1.0)
+        log.info("Dispatcher of instance {} stopped", self.instance_id)
+
+    def _pump(self) -> None:
+        while self._queue and len(self._active) < self._settings.max_concurrency:
+            task_id, _ = self._queue.popleft()
+            if task_id not in self._active:
+                self._spawn(task_id, None)
+
+    def _spawn(self, task_id: str, record: TaskRecord | None) -> None:
+        task = asyncio.create_task(self._process(task_id, record))
+        self._active[task_id] = task
+        task.add_done_callback(lambda _: self._on_done(task_id))
+
+    def _on_done(self, task_id: str) -> None:
+        self._active.pop(task_id, None)
+        if task_id not in self._timers:
+            self._names.pop(task_id, None)
+        if not self._stopping:
+            self._pump()
+
+    async def _process(self, task_id: str, record: TaskRecord | None) -> None:
+        if record is None:
+            record = await self._store_call(
+                f"claim task {task_id}",
+                lambda: self.store.claim(task_id, self.instance_id, self._clock()),
+            )
+            if record is None:
+                return  # Cancelled, finished, or claimed by another instance.
+        self._names[record.id] = record.name
+        await self._execute(record)
+
+    async def _execute(self, record: TaskRecord) -> None:
+        bound = log.bind(task_id=record.id, task_name=record.name, attempt=record.attempts)
+        definition = self._registry.get(record.name)
+        if definition is None:
+            message = (
+                f"No task named {record.name!r} is registered in this app, so it cannot run; "
+                f"known tasks: {', '.join(self._registry.names()) or 'none'}."
+            )
+            bound.error("Task {} [{}] failed: {}", record.name, record.id, message)
+            outcome = AttemptOutcome(
+                status=TaskStatus.FAILED,
+                finished_at=self._clock(),
+                duration=0.0,
+                error_type="app_taskflow.errors.TaskDefinitionError",
+                error_message=message,
+            )
+            await self._finish(record, outcome)
+            return
+
+        context = TaskContext(
+            task_id=record.id,
+            task_name=record.name,
+            attempt=record.attempts,
+            max_attempts=record.max_attempts,
+            instance_id=self.instance_id,
+        )
+        self._contexts[record.id] = context
+        bound.info(
+            "Task {} [{}] started (attempt {} of {})",
+            record.name,
+            record.id,
+            record.attempts,
+            record.max_attempts,
+        )
+        try:
+            result = await self._runner.run(definition, record, context)
+        finally:
+            self._contexts.pop(record.id, None)
+
+        outcome = decide_outcome(
+            definition,
+            record,
+            result,
+            context,
+            self._clock(),
+            self._settings.retry_delay_scale,
+        )
+        logs = context.take_logs()
+        if logs:
+            await self._store_call(
+                f"save logs of task {record.id}", lambda: self.store.append_logs(record.id, logs)
+            )
+        await self._finish(record, outcome)
+
+    async def _finish(self, record: TaskRecord, outcome: AttemptOutcome) -> None:
+        """Persist an attempt's outcome, log the transition and arm the retry timer."""
+        written = await self._store_call(
+            f"finish task {record.id}",
+            lambda: self.store.finish(record.id, self.instance_id, record.attempts, outcome),
+        )
+        bound = log.bind(task_id=record.id, task_name=record.name, attempt=record.attempts)
+        if not written:
+            bound.warning(
+                "Task {} [{}] attempt {} ended as {}, but another instance took the task "
+                "over after this instance's lease expired; the result is not stored",
+                record.name,
+                record.id,
+                record.attempts,
+                outcome.status.value,
+            )
+            return
+
+        if outcome.status is TaskStatus.SUCCESS:
+            bound.info(
+                "Task {} [{}] succeeded in {:.3f} s (attempt {} of {})",
+                record.name,
+                record.id,
+                outcome.duration,
+                record.attempts,
+                record.max_attempts,
+            )
+        elif outcome.status is TaskStatus.PENDING:
+            assert outcome.scheduled_at is not None
+            delay = max(0.0, (outcome.scheduled_at - self._clock()).total_seconds())
+            bound.warning(
+                "Task {} [{}] attempt {} of {} failed with {}; retrying in {:.3f} s",
+                record.name,
+                record.id,
+                record.attempts,
+                record.max_attempts,
+                outcome.error_type,
+                delay,
+            )
+            self._arm_retry(record, delay)
+        elif outcome.status is TaskStatus.CANCELLED:
+            bound.info("Task {} [{}] cancelled", record.name, record.id)
+        else:
+            bound.error(
+                "Task {} [{}] failed after {} attempt(s) with {}: {}\n{}",
+                record.name,
+                record.id,
+                record.attempts,
+                outcome.error_type,
+                outcome.error_message,
+                outcome.traceback or "",
+            )
+
+    def _arm_retry(self, record: TaskRecord, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        # The store compares scheduled_at with the wall clock, which may lag the loop's
+        # monotonic clock by a hair; the extra millisecond keeps the claim from being early.
+        self._timers[record.id] = loop.call_later(
+            delay + 0.001, self._on_retry_due, record.id, record.name
+        )
+
+    def _on_retry_due(self, task_id: str, name: str) -> None:
+        self._timers.pop(task_id, None)
+        self.submit(task_id, name)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.heartbeat_interval)
+            now = self._clock()
+            cancel_ids = await self._store_call(
+                "renew the lease",
+                lambda: self.store.heartbeat(self.instance_id, now, self._lease_end(now)),
+            )
+            for task_id in cancel_ids or []:
+                self.request_cancel(task_id)
+            report = await self._store_call(
+                "recover tasks of expired instances",
+                lambda: self.store.recover_expired(self._clock()),
+            )
+            if report is not None:
+                self._log_recovery(report)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.poll_interval)
+            await self._flush_logs()
+            free = self._settings.max_concurrency - len(self._active) - len(self._queue)
+            if free <= 0:
+                continue
+            records = await self._store_call(
+                "claim ownerless tasks",
+                lambda: self.store.claim_next(self.instance_id, self._clock(), min(free, 100)),
+            )
+            for record in records or []:
+                self._spawn(record.id, record)
+
+    async def _flush_logs(self) -> None:
+        for task_id, context in list(self._contexts.items()):
+            entries = context.take_logs()
+            if entries:
+                await self._store_call(
+                    f"save logs of task {task_id}",
+                    lambda: self.store.append_logs(task_id, entries),  # noqa: B023 - awaited now
+                )
+
+    async def _store_call(self, action: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        """Run a store call, retrying failures with backoff; log and return None at the end.
+
+        NOTE: a write that still fails after every retry is lost from this instance's view.
+        A task left RUNNING that way is only taken back once this instance stops.
+        """
+        for attempt, delay in enumerate((*_STORE_RETRY_DELAYS, None), start=1):
+            try:
+                return await call()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                if delay is None:
+                    log.opt(exception=error).error(
+                        "Could not {} after {} tries; giving up", action, attempt
+                    )
+                    return None
+                log.warning(
+                    "Could not {} ({}: {}); try {} of {}, retrying in {} s",
+                    action,
+                    type(error).__name__,
+                    error,
+                    attempt,
+                    len(_STORE_RETRY_DELAYS) + 1,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        return None  # Unreachable: the loop returns on its last round.
+
+    def _lease_end(self, now: datetime) -> datetime:
+        return now + timedelta(seconds=self._settings.lease_expiry)
+
+    def _log_recovery(self, report: RecoveryReport) -> None:
+        for task_id in report.interrupted:
+            log.bind(task_id=task_id).warning(
+                "Task [{}] was running on an instance whose lease expired; now INTERRUPTED",
+                task_id,
+            )
+        for task_id in report.requeued:
+            log.bind(task_id=task_id).warning(
+                "Task [{}] was running on an instance whose lease expired; queued again",
+                task_id,
+            )
+        if report.released:
+            log.info(
+                "Took back {} pending task(s) of instances whose lease expired",
+                len(report.released),
+            )
+
+    def _log_release(self, report: RecoveryReport) -> None:
+        for status, task_ids in (
+            ("INTERRUPTED", report.interrupted),
+            ("queued again", report.requeued),
+            ("released to the store, still PENDING", report.released),
+        ):
+            for task_id in task_ids:
+                log.bind(task_id=task_id).warning(
+                    "Task {} [{}] left unfinished at shutdown: {}",
+                    self._names.get(task_id, "?"),
+                    task_id,
+                    status,
+                )
+

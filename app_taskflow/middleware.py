@@ -1,0 +1,130 @@
+"""The ASGI middleware that stores a request's tasks before its response starts."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app_taskflow.errors import NotInstalledError
+from app_taskflow.logs import log
+from app_taskflow.models import TaskRecord
+
+if TYPE_CHECKING:
+    from app_taskflow.taskflow import Taskflow
+
+SCOPE_KEY = "app_taskflow.request_tasks"
+
+
+class RequestTasks:
+    """The tasks one request added: stored before its response, run after it."""
+
+    def __init__(self, taskflow: Taskflow) -> None:
+        self.taskflow = taskflow
+        self._unsaved: list[TaskRecord] = []
+        self._saved: list[tuple[str, str]] = []
+
+    def add(self, record: TaskRecord) -> None:
+        """Keep a new task until the response starts. Safe from the route's thread."""
+        self._unsaved.append(record)
+
+    async def add_now(self, record: TaskRecord) -> str:
+        """Store a task at once and return its id, or the id of the task holding its key."""
+        [task_id] = await self.taskflow.store.create([record])
+        if task_id == record.id:
+            self._saved.append((task_id, record.name))
+        return task_id
+
+    async def save(self) -> None:
+        """Write the tasks added so far to the store in one batch."""
+        if not self._unsaved:
+            return
+        records, self._unsaved = self._unsaved, []
+        await self.taskflow.store.create(records)
+        self._saved.extend((record.id, record.name) for record in records)
+
+    def start(self) -> None:
+        """Hand the stored tasks to the dispatcher."""
+        dispatcher = self.taskflow.dispatcher
+        for task_id, name in self._saved:
+            dispatcher.submit(task_id, name)
+        self._saved.clear()
+
+    async def discard(self, reason: str) -> None:
+        """Drop the tasks of a failed request; cancel those already stored."""
+        for record in self._unsaved:
+            log.bind(task_id=record.id, task_name=record.name).warning(
+                "Task {} [{}] was not stored or run: {}", record.name, record.id, reason
+            )
+        self._unsaved.clear()
+        for task_id, name in self._saved:
+            log.bind(task_id=task_id, task_name=name).warning(
+                "Task {} [{}] cancelled before it ran: {}", name, task_id, reason
+            )
+            try:
+                await self.taskflow.store.cancel(task_id, self.taskflow.now())
+            except Exception as error:
+                log.opt(exception=error).error("Could not cancel discarded task {}", task_id)
+        self._saved.clear()
+
+
+def request_tasks(scope: Scope) -> RequestTasks:
+    """Return the tasks of the request in ``scope``.
+
+    Raises:
+        NotInstalledError: the app did not call ``taskflow.install(app)``.
+    """
+    tasks: RequestTasks | None = scope.get(SCOPE_KEY)
+    if tasks is None:
+        raise NotInstalledError(
+            "Tracked tasks need the app-taskflow middleware: call taskflow.install(app) "
+            "after creating the FastAPI app."
+        )
+    return tasks
+
+
+class TaskflowMiddleware:
+    """Stores the tasks a request added before its response starts, runs them after.
+
+    A request that raises, or whose response has status 400 or higher, runs none of its
+    tasks: those not stored yet are dropped with a warning, and those stored early (by
+    ``add_task_async`` or an idempotency key) are cancelled.
+    """
+
+    def __init__(self, app: ASGIApp, taskflow: Taskflow) -> None:
+        self.app = app
+        self.taskflow = taskflow
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        tasks = RequestTasks(self.taskflow)
+        scope[SCOPE_KEY] = tasks
+        status: int | None = None
+
+        async def send_after_saving(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                if status < 400:
+                    # Stored before promised: the client sees no byte of a response that
+                    # carries a task id before that task is in the store.
+                    await tasks.save()
+            await send(message)
+            if _is_last_body(message) and status is not None and status < 400:
+                await tasks.save()  # Tasks added while a streaming body was sent.
+                tasks.start()
+
+        try:
+            await self.app(scope, receive, send_after_saving)
+        except BaseException:
+            await tasks.discard("the request failed with an unhandled error")
+            raise
+        if status is None or status >= 400:
+            await tasks.discard(f"the request ended with status {status}")
+
+
+def _is_last_body(message: dict[str, Any] | Message) -> bool:
+    return message["type"] == "http.response.body" and not message.get("more_body", False)

@@ -1,0 +1,188 @@
+"""Records, statuses and query models shared by the stores, the runner and the API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+def utcnow() -> datetime:
+    """Return the current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+def new_task_id() -> str:
+    """Return a new random task id (a UUID4 string)."""
+    return str(uuid.uuid4())
+
+
+class TaskStatus(str, Enum):
+    """Where a task is in its lifecycle.
+
+    A task waiting for its next attempt stays ``PENDING`` with ``attempts > 0`` and
+    ``scheduled_at`` set to the time of that attempt.
+    """
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCESS = "SUCCESS"
+    FAILED = "FAILED"
+    INTERRUPTED = "INTERRUPTED"
+    CANCELLED = "CANCELLED"
+
+
+ACTIVE_STATUSES = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING})
+"""Statuses of tasks that are not finished yet."""
+
+TERMINAL_STATUSES = frozenset(
+    {TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.INTERRUPTED, TaskStatus.CANCELLED}
+)
+"""Statuses that end a task; only an explicit retry leaves FAILED or INTERRUPTED."""
+
+RETRYABLE_STATUSES = frozenset({TaskStatus.FAILED, TaskStatus.INTERRUPTED})
+"""Statuses from which ``POST /tasks/{id}/retry`` starts a new attempt."""
+
+IDEMPOTENCY_HOLDING_STATUSES = frozenset(
+    {TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.SUCCESS}
+)
+"""Statuses in which a task keeps its idempotency key reserved."""
+
+
+class LogEntry(BaseModel):
+    """One entry written by ``task_log()`` or by the runner."""
+
+    timestamp: datetime
+    level: str = "INFO"
+    message: str
+    attempt: int = 0
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class AttemptRecord(BaseModel):
+    """One attempt of a task: when it ran, on which instance and how it ended."""
+
+    number: int
+    instance_id: str | None = None
+    started_at: datetime
+    finished_at: datetime | None = None
+    status: TaskStatus = TaskStatus.RUNNING
+    error_type: str | None = None
+    error_message: str | None = None
+
+
+class TaskSummary(BaseModel):
+    """A task as listed by ``GET /tasks``: everything but its logs, attempts and traceback."""
+
+    id: str
+    name: str
+    status: TaskStatus
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    attempts: int = 0
+    max_attempts: int = 1
+    created_at: datetime
+    scheduled_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration: float | None = Field(
+        default=None, description="Seconds taken by the last attempt."
+    )
+    error_type: str | None = None
+    error_message: str | None = None
+    owner: str | None = Field(
+        default=None, description="Id of the app instance that holds the task."
+    )
+    idempotency_key: str | None = None
+    requeue_on_interrupt: bool = False
+    cancel_requested: bool = False
+
+
+class TaskRecord(TaskSummary):
+    """A task with its full history, as returned by ``GET /tasks/{id}``."""
+
+    traceback: str | None = None
+    logs: list[LogEntry] = Field(default_factory=list)
+    attempt_history: list[AttemptRecord] = Field(default_factory=list)
+
+    def summary(self) -> TaskSummary:
+        """Return the record without its logs, attempts and traceback."""
+        return TaskSummary.model_validate(
+            self.model_dump(exclude={"traceback", "logs", "attempt_history"})
+        )
+
+
+class AttemptOutcome(BaseModel):
+    """How an attempt ended, as the runner reports it to the store.
+
+    ``status`` is ``PENDING`` when another attempt follows at ``scheduled_at``.
+    """
+
+    status: TaskStatus
+    finished_at: datetime
+    duration: float
+    scheduled_at: datetime | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+
+
+class TaskQuery(BaseModel):
+    """Filters and page position for listing tasks, newest first."""
+
+    statuses: list[TaskStatus] | None = None
+    name: str | None = None
+    limit: int = Field(default=50, ge=1, le=1000)
+    offset: int = Field(default=0, ge=0)
+
+
+class TaskPage(BaseModel):
+    """One page of tasks, newest first."""
+
+    items: list[TaskSummary]
+    limit: int
+    offset: int
+    has_more: bool
+
+
+class DurationStats(BaseModel):
+    """Durations in seconds of finished attempts that ended a task."""
+
+    count: int = 0
+    mean: float | None = None
+    p50: float | None = None
+    p95: float | None = None
+
+
+class NameMetrics(BaseModel):
+    """Counts, success rate and durations of one task name."""
+
+    counts: dict[TaskStatus, int]
+    success_rate: float | None = Field(
+        default=None, description="SUCCESS / (SUCCESS + FAILED + INTERRUPTED), or null."
+    )
+    duration: DurationStats
+
+
+class TaskMetrics(NameMetrics):
+    """Counts, success rate and durations overall and per task name."""
+
+    by_name: dict[str, NameMetrics] = Field(default_factory=dict)
+
+
+class RecoveryReport(BaseModel):
+    """Tasks taken back from instances whose lease expired or that shut down."""
+
+    released: list[str] = Field(
+        default_factory=list, description="PENDING tasks that any instance may now claim."
+    )
+    requeued: list[str] = Field(
+        default_factory=list,
+        description="RUNNING tasks declared requeue_on_interrupt, now PENDING again.",
+    )
+    interrupted: list[str] = Field(
+        default_factory=list, description="RUNNING tasks now INTERRUPTED."
+    )

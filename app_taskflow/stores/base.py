@@ -1,0 +1,247 @@
+"""TaskStore: the contract every store implements."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+
+from app_taskflow.models import (
+    AttemptOutcome,
+    DurationStats,
+    LogEntry,
+    NameMetrics,
+    RecoveryReport,
+    TaskMetrics,
+    TaskPage,
+    TaskQuery,
+    TaskRecord,
+    TaskStatus,
+)
+
+
+class TaskStore(ABC):
+    """The single source of truth for tasks, attempts, logs and instance leases.
+
+    Every method is a coroutine and must not block the event loop: a store whose driver is
+    synchronous runs its calls in worker threads. Times passed in are aware UTC datetimes,
+    and the store keeps them as given (the caller owns the clock, so tests can fix it).
+
+    Atomicity: each method is atomic on its own. ``create``, ``claim``, ``finish``,
+    ``cancel``, ``retry``, ``recover_expired`` and ``release`` are read-modify-write steps
+    that must stay correct when several instances in several processes call them on the
+    same store at once; a store that cannot offer that in some setting must say so in its
+    documentation and in ``supports_multiple_instances``.
+
+    Errors: driver failures are raised as ``StoreError`` with the driver's exception as
+    ``__cause__``. Transient conflicts (such as SQLite's "database is locked") are retried
+    inside the store and never surface as a lost write.
+    """
+
+    supports_multiple_instances: bool = True
+    """Whether several processes may share this store safely."""
+
+    async def open(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Connect and create or migrate the schema. Called once at startup."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Release connections. Called once at shutdown; the store is not used again."""
+
+    @abstractmethod
+    async def create(self, records: Sequence[TaskRecord]) -> list[str]:
+        """Insert new PENDING tasks and return their ids, in order.
+
+        Args:
+            records: new tasks, each with a fresh id, status ``PENDING`` and ``owner`` set
+                to the instance that will run it (or ``None`` for any instance).
+
+        Returns:
+            One id per record: the record's own id, or, when the record carries an
+            ``idempotency_key`` already held by a task in ``IDEMPOTENCY_HOLDING_STATUSES``
+            with the same name, args and kwargs, the id of that task (nothing is inserted
+            for it).
+
+        Raises:
+            IdempotencyConflictError: the key is held by a task with another name or other
+                arguments. Records before it in the batch stay inserted.
+
+        Atomicity: the key check and the insert of each record are one atomic step, so two
+        instances creating the same key at once get the same id.
+        """
+
+    @abstractmethod
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """Return the task with its logs and attempt history, or ``None`` if unknown."""
+
+    @abstractmethod
+    async def list(self, query: TaskQuery) -> TaskPage:
+        """Return one page of tasks matching ``query``, newest ``created_at`` first.
+
+        Ties on ``created_at`` are broken by id, descending, so pages never overlap.
+        """
+
+    @abstractmethod
+    async def metrics(self) -> TaskMetrics:
+        """Return counts per status, success rate and durations, overall and per name.
+
+        Durations are those of finished tasks (``duration`` of their last attempt).
+        ``build_metrics`` turns raw counts and durations into the model.
+        """
+
+    @abstractmethod
+    async def claim(self, task_id: str, instance_id: str, now: datetime) -> TaskRecord | None:
+        """Start the next attempt of one task if it is free to run.
+
+        The task is claimed when its status is ``PENDING``, its ``owner`` is ``None`` or
+        ``instance_id``, its ``scheduled_at`` is ``None`` or not after ``now``, and no
+        cancel was requested. Claiming sets status ``RUNNING``, ``owner`` to
+        ``instance_id``, ``started_at`` to ``now``, increments ``attempts`` and appends an
+        ``AttemptRecord`` with that number.
+
+        Returns:
+            The claimed task (logs may be omitted), or ``None`` when it was not free.
+
+        Atomicity: of any number of concurrent claims of one task, at most one succeeds.
+        """
+
+    @abstractmethod
+    async def claim_next(self, instance_id: str, now: datetime, limit: int) -> list[TaskRecord]:
+        """Claim up to ``limit`` ownerless PENDING tasks that are due, oldest first.
+
+        These are tasks released at shutdown, recovered from a dead instance or queued
+        again by ``retry``. Each is claimed exactly as ``claim`` does.
+        """
+
+    @abstractmethod
+    async def finish(
+        self, task_id: str, instance_id: str, attempt: int, outcome: AttemptOutcome
+    ) -> bool:
+        """Record how attempt number ``attempt`` ended.
+
+        ``outcome.status`` is a terminal status, or ``PENDING`` with ``scheduled_at`` when
+        another attempt follows; the task then stays owned by ``instance_id``. The
+        matching ``AttemptRecord`` gets the end time, status and error. A terminal outcome
+        also clears ``cancel_requested``.
+
+        Returns:
+            ``True`` when written; ``False`` when the task is no longer ``RUNNING`` under
+            ``instance_id`` with that attempt number (it was recovered by another instance
+            after this one lost its lease), in which case nothing is changed.
+        """
+
+    @abstractmethod
+    async def append_logs(self, task_id: str, entries: Sequence[LogEntry]) -> None:
+        """Append log entries to a task, keeping their order. Unknown ids are ignored."""
+
+    @abstractmethod
+    async def heartbeat(self, instance_id: str, now: datetime, expires_at: datetime) -> list[str]:
+        """Create or renew the lease of an instance until ``expires_at``.
+
+        Returns:
+            Ids of RUNNING tasks owned by ``instance_id`` whose cancel was requested, so
+            that a cancel sent to any instance reaches the one running the task.
+        """
+
+    @abstractmethod
+    async def recover_expired(self, now: datetime) -> RecoveryReport:
+        """Take back the tasks of every instance whose lease expired before ``now``.
+
+        Tasks count as orphaned when their owner has no lease or an expired one. Their
+        PENDING tasks lose their owner (keeping ``scheduled_at``). Their RUNNING tasks
+        become ``INTERRUPTED`` with ``finished_at = now``, or ``PENDING`` without owner
+        when ``requeue_on_interrupt`` is set; either way ``attempts`` is kept and the
+        current ``AttemptRecord`` ends as ``INTERRUPTED``. Expired leases are deleted.
+
+        Atomicity: each task is taken back by at most one caller.
+        """
+
+    @abstractmethod
+    async def release(self, instance_id: str, now: datetime) -> RecoveryReport:
+        """Hand back every task of one instance at shutdown and delete its lease.
+
+        Does for ``instance_id`` what ``recover_expired`` does for an expired instance,
+        whatever its lease says.
+        """
+
+    @abstractmethod
+    async def cancel(self, task_id: str, now: datetime) -> TaskRecord:
+        """Cancel a task.
+
+        A PENDING task becomes ``CANCELLED`` with ``finished_at = now`` and never runs.
+        A RUNNING task gets ``cancel_requested = True`` and keeps running until its
+        instance stops it.
+
+        Raises:
+            TaskNotFoundError: no task has this id.
+            TaskStateError: the task is already finished.
+        """
+
+    @abstractmethod
+    async def retry(self, task_id: str, now: datetime, extra_attempts: int) -> TaskRecord:
+        """Queue a FAILED or INTERRUPTED task again as a new attempt of the same task.
+
+        The task becomes ``PENDING`` without owner, ``scheduled_at`` and error fields
+        cleared, ``max_attempts = attempts + extra_attempts``; its attempt history and
+        logs stay.
+
+        Raises:
+            TaskNotFoundError: no task has this id.
+            TaskStateError: the task is not FAILED or INTERRUPTED, or its idempotency key
+                is now held by another task.
+        """
+
+
+def build_metrics(
+    counts: Mapping[str, Mapping[TaskStatus, int]],
+    durations: Mapping[str, Iterable[float]],
+) -> TaskMetrics:
+    """Build ``TaskMetrics`` from counts and durations keyed by task name."""
+    by_name: dict[str, NameMetrics] = {}
+    all_counts: dict[TaskStatus, int] = dict.fromkeys(TaskStatus, 0)
+    all_durations: list[float] = []
+
+    for name in sorted(set(counts) | set(durations)):
+        name_counts = dict.fromkeys(TaskStatus, 0)
+        name_counts.update(counts.get(name, {}))
+        name_durations = sorted(durations.get(name, ()))
+        for status, count in name_counts.items():
+            all_counts[status] += count
+        all_durations.extend(name_durations)
+        by_name[name] = NameMetrics(
+            counts=name_counts,
+            success_rate=_success_rate(name_counts),
+            duration=_duration_stats(name_durations),
+        )
+
+    all_durations.sort()
+    return TaskMetrics(
+        counts=all_counts,
+        success_rate=_success_rate(all_counts),
+        duration=_duration_stats(all_durations),
+        by_name=by_name,
+    )
+
+
+def _success_rate(counts: Mapping[TaskStatus, int]) -> float | None:
+    ended = counts[TaskStatus.SUCCESS] + counts[TaskStatus.FAILED] + counts[TaskStatus.INTERRUPTED]
+    if ended == 0:
+        return None
+    return counts[TaskStatus.SUCCESS] / ended
+
+
+def _duration_stats(sorted_durations: Sequence[float]) -> DurationStats:
+    if not sorted_durations:
+        return DurationStats()
+    return DurationStats(
+        count=len(sorted_durations),
+        mean=sum(sorted_durations) / len(sorted_durations),
+        p50=percentile(sorted_durations, 0.50),
+        p95=percentile(sorted_durations, 0.95),
+    )
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Return the nearest-rank percentile of values sorted ascending."""
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[rank - 1]

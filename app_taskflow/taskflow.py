@@ -1,0 +1,287 @@
+"""Taskflow: the object an app declares tasks on, installs, and starts in its lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from app_taskflow.dispatcher import Dispatcher, DispatcherSettings, new_instance_id
+from app_taskflow.errors import TaskflowError
+from app_taskflow.logs import log
+from app_taskflow.models import TaskRecord, TaskStatus, new_task_id, utcnow
+from app_taskflow.runner import Runner
+from app_taskflow.stores.base import TaskStore
+from app_taskflow.tasks import RetryPolicy, TaskDefinition, TaskRegistry, default_task_name
+from app_taskflow.workers import WorkerPool
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Taskflow:
+    """Declares tasks, stores and runs them, and plugs the REST API into an app.
+
+    Built by ``TaskflowContainer.taskflow()``. The store is created when the app starts
+    (in ``lifespan``), so a test can override the container's ``store`` provider after
+    importing the app.
+    """
+
+    def __init__(
+        self,
+        store_factory: Callable[[], TaskStore],
+        default_policy: RetryPolicy | None = None,
+        settings: DispatcherSettings | None = None,
+        api_prefix: str = "/tasks",
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.registry = TaskRegistry()
+        self.default_policy = default_policy or RetryPolicy()
+        self.settings = settings or DispatcherSettings()
+        self.api_prefix = api_prefix
+        self.instance_id = new_instance_id()
+        self._store_factory = store_factory
+        self._clock = clock
+        self._dispatcher: Dispatcher | None = None
+        self._pool: WorkerPool | None = None
+
+    @overload
+    def task(self, func: F, /) -> F: ...
+
+    @overload
+    def task(
+        self,
+        func: None = None,
+        /,
+        *,
+        name: str | None = None,
+        retries: int | None = None,
+        delay: float | None = None,
+        backoff: float | None = None,
+        max_delay: float | None = None,
+        jitter: float | None = None,
+        retry_on: tuple[type[BaseException], ...] | None = None,
+        timeout: float | None = None,
+        requeue_on_interrupt: bool = False,
+    ) -> Callable[[F], F]: ...
+
+    def task(
+        self,
+        func: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        retries: int | None = None,
+        delay: float | None = None,
+        backoff: float | None = None,
+        max_delay: float | None = None,
+        jitter: float | None = None,
+        retry_on: tuple[type[BaseException], ...] | None = None,
+        timeout: float | None = None,
+        requeue_on_interrupt: bool = False,
+    ) -> Any:
+        """Declare a sync or async function as a task, with ``@taskflow.task(...)``.
+
+        Options left out take the defaults from the container's ``retry`` configuration.
+
+        Args:
+            name: registered name; defaults to the module and qualified name.
+            retries: attempts allowed after the first one.
+            delay: seconds before the first retry.
+            backoff: factor applied to the delay for each later retry.
+            max_delay: upper bound in seconds of any retry delay.
+            jitter: fraction of the delay added or removed at random.
+            retry_on: exception types that are retried; others fail the task at once.
+            timeout: seconds an attempt may run before it fails.
+            requeue_on_interrupt: run the task again, rather than mark it INTERRUPTED,
+                when its instance stops while it runs. Only for tasks safe to repeat.
+
+        Raises:
+            TaskDefinitionError: an option is invalid or the name is already taken.
+        """
+        overrides = {
+            key: value
+            for key, value in {
+                "retries": retries,
+                "delay": delay,
+                "backoff": backoff,
+                "max_delay": max_delay,
+                "jitter": jitter,
+                "retry_on": retry_on,
+                "timeout": timeout,
+            }.items()
+            if value is not None
+        }
+
+        def decorate(function: Callable[..., Any]) -> Any:
+            definition: TaskDefinition[Any, Any] = TaskDefinition(
+                function,
+                name=name or default_task_name(function),
+                policy=self.default_policy.replace(**overrides),
+                requeue_on_interrupt=requeue_on_interrupt,
+            )
+            self.registry.register(definition)
+            return definition
+
+        return decorate if func is None else decorate(func)
+
+    def now(self) -> datetime:
+        """Return the current time from the taskflow's clock."""
+        return self._clock()
+
+    @property
+    def started(self) -> bool:
+        """Whether the app's lifespan has started the taskflow."""
+        return self._dispatcher is not None
+
+    @property
+    def store(self) -> TaskStore:
+        """The store in use; available once started."""
+        return self.dispatcher.store
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The dispatcher in use; available once started."""
+        if self._dispatcher is None:
+            raise TaskflowError(
+                "The taskflow is not started: create the app with "
+                "FastAPI(lifespan=taskflow.lifespan), or enter taskflow.lifespan(app) "
+                "from your own lifespan."
+            )
+        return self._dispatcher
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI | None = None) -> AsyncIterator[None]:
+        """Open the store and run tasks while the app runs; hand tasks back at shutdown."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        """Open the store and start the dispatcher. ``lifespan`` calls this."""
+        store = self._store_factory()
+        await store.open()
+        pool = WorkerPool(self.settings.sync_workers)
+        dispatcher = Dispatcher(
+            store, self.registry, Runner(pool), self.settings, self.instance_id, self._clock
+        )
+        await dispatcher.start()
+        self._pool = pool
+        self._dispatcher = dispatcher
+
+    async def stop(self) -> None:
+        """Stop the dispatcher and close the store. ``lifespan`` calls this."""
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            return
+        try:
+            await dispatcher.stop()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+            await dispatcher.store.close()
+            self._dispatcher = None
+
+    def install(self, app: FastAPI) -> None:
+        """Add the REST API under ``api_prefix`` and the middleware that stores tasks.
+
+        The middleware writes the tasks a request added to the store before the response
+        starts, and hands them to the dispatcher once the response is sent.
+        """
+        from app_taskflow.api.router import build_router
+        from app_taskflow.middleware import TaskflowMiddleware
+
+        app.add_middleware(TaskflowMiddleware, taskflow=self)
+        app.include_router(build_router(self), prefix=self.api_prefix)
+
+    def build_record(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        idempotency_key: str | None = None,
+    ) -> TaskRecord:
+        """Check a call of task ``func`` and return its new PENDING record, not yet stored.
+
+        Raises:
+            NotATaskError: ``func`` is not a task of this taskflow.
+            TaskArgumentError: an argument cannot be stored and restored with its type.
+        """
+        definition = self.registry.resolve(func)
+        encoded_args, encoded_kwargs = definition.codec.encode(args, kwargs)
+        if idempotency_key is not None and not isinstance(idempotency_key, str):
+            raise TypeError(
+                f"Invalid idempotency_key {idempotency_key!r}: expected a string."
+            )
+        return TaskRecord(
+            id=new_task_id(),
+            name=definition.name,
+            status=TaskStatus.PENDING,
+            args=encoded_args,
+            kwargs=encoded_kwargs,
+            max_attempts=definition.policy.max_attempts,
+            created_at=self._clock(),
+            owner=self.instance_id,
+            idempotency_key=idempotency_key,
+            requeue_on_interrupt=definition.requeue_on_interrupt,
+        )
+
+    async def add_task(
+        self,
+        func: Callable[..., Any],
+        /,
+        *args: Any,
+        idempotency_key: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Store a task and start it now, outside any request (for example from a task).
+
+        Returns:
+            The task id; with an ``idempotency_key`` already held, the existing task's id.
+        """
+        record = self.build_record(func, args, kwargs, idempotency_key)
+        [task_id] = await self.store.create([record])
+        if task_id == record.id:
+            self.dispatcher.submit(task_id, record.name)
+        return task_id
+
+    async def retry(self, task_id: str) -> TaskRecord:
+        """Queue a FAILED or INTERRUPTED task again, with its full retry budget.
+
+        Raises:
+            TaskNotFoundError: no task has this id.
+            TaskStateError: the task is not FAILED or INTERRUPTED.
+        """
+        current = await self.store.get(task_id)
+        definition = None if current is None else self.registry.get(current.name)
+        extra_attempts = definition.policy.max_attempts if definition else 1
+        record = await self.store.retry(task_id, self._clock(), extra_attempts)
+        log.bind(task_id=task_id, task_name=record.name).info(
+            "Task {} [{}] queued again by request (attempt {} next)",
+            record.name,
+            task_id,
+            record.attempts + 1,
+        )
+        self.dispatcher.submit(task_id, record.name)
+        return record
+
+    async def cancel(self, task_id: str) -> TaskRecord:
+        """Cancel a PENDING task, or ask a RUNNING one to stop.
+
+        Raises:
+            TaskNotFoundError: no task has this id.
+            TaskStateError: the task has already finished.
+        """
+        record = await self.store.cancel(task_id, self._clock())
+        bound = log.bind(task_id=task_id, task_name=record.name)
+        if record.status is TaskStatus.CANCELLED:
+            bound.info("Task {} [{}] cancelled before it ran", record.name, task_id)
+        else:
+            bound.info("Task {} [{}] asked to stop", record.name, task_id)
+            self.dispatcher.request_cancel(task_id)
+        return record
