@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import TypeVar
 
 from app_taskflow.context import TaskContext
@@ -317,7 +318,7 @@ class Dispatcher:
             now = self._clock()
             cancel_ids = await self._store_call(
                 "renew the lease",
-                lambda: self.store.heartbeat(self.instance_id, now, self._lease_end(now)),
+                partial(self.store.heartbeat, self.instance_id, now, self._lease_end(now)),
             )
             for task_id in cancel_ids or []:
                 self.request_cancel(task_id)
@@ -337,7 +338,7 @@ class Dispatcher:
                 continue
             records = await self._store_call(
                 "claim ownerless tasks",
-                lambda: self.store.claim_next(self.instance_id, self._clock(), min(free, 100)),
+                partial(self.store.claim_next, self.instance_id, self._clock(), min(free, 100)),
             )
             for record in records or []:
                 self._spawn(record.id, record)
@@ -348,7 +349,7 @@ class Dispatcher:
             if entries:
                 await self._store_call(
                     f"save logs of task {task_id}",
-                    lambda: self.store.append_logs(task_id, entries),  # noqa: B023 - awaited now
+                    partial(self.store.append_logs, task_id, entries),
                 )
 
     async def _store_call(self, action: str, call: Callable[[], Awaitable[T]]) -> T | None:
@@ -413,4 +414,3 @@ class Dispatcher:
                     task_id,
                     status,
                 )
-

@@ -54,6 +54,4 @@ def task_log(message: str, level: str = "info", **extra: Any) -> None:
     context.add_log(entry)
     log.bind(
         task_id=context.task_id, task_name=context.task_name, attempt=context.attempt, **extra
-    ).opt(depth=1).log(
-        level_name, "{} [{}] {}", context.task_name, context.task_id, entry.message
-    )
+    ).opt(depth=1).log(level_name, "{} [{}] {}", context.task_name, context.task_id, entry.message)

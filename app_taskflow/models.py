@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -20,7 +20,7 @@ def new_task_id() -> str:
     return str(uuid.uuid4())
 
 
-class TaskStatus(str, Enum):
+class TaskStatus(StrEnum):
     """Where a task is in its lifecycle.
 
     A task waiting for its next attempt stays ``PENDING`` with ``attempts > 0`` and
@@ -88,9 +88,7 @@ class TaskSummary(BaseModel):
     scheduled_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    duration: float | None = Field(
-        default=None, description="Seconds taken by the last attempt."
-    )
+    duration: float | None = Field(default=None, description="Seconds taken by the last attempt.")
     error_type: str | None = None
     error_message: str | None = None
     owner: str | None = Field(

@@ -62,7 +62,7 @@ class Runner:
                 raise
             # The task function raised CancelledError itself: an ordinary failure.
             return _failure(error, started)
-        except BaseException as error:  # noqa: BLE001 - any failure of task code ends the attempt
+        except BaseException as error:
             return _failure(error, started)
 
     async def _run_async(

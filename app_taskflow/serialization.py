@@ -115,8 +115,10 @@ class ArgumentCodec:
         # Without a hint, a str enum member equals its plain string but loses its type, so
         # the type is compared too. With a hint, lax coercion such as int to float is fine.
         if decoded != value or (untyped and type(decoded) is not type(value)):
-            hint = "annotate the parameter with its type" if untyped else (
-                "pass a value of the annotated type"
+            hint = (
+                "annotate the parameter with its type"
+                if untyped
+                else ("pass a value of the annotated type")
             )
             raise TaskArgumentError(
                 f"Argument {parameter!r} of task {self._task_name!r} would not survive the "

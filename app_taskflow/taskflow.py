@@ -215,9 +215,7 @@ class Taskflow:
         definition = self.registry.resolve(func)
         encoded_args, encoded_kwargs = definition.codec.encode(args, kwargs)
         if idempotency_key is not None and not isinstance(idempotency_key, str):
-            raise TypeError(
-                f"Invalid idempotency_key {idempotency_key!r}: expected a string."
-            )
+            raise TypeError(f"Invalid idempotency_key {idempotency_key!r}: expected a string.")
         return TaskRecord(
             id=new_task_id(),
             name=definition.name,

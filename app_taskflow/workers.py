@@ -96,7 +96,7 @@ class WorkerPool:
             loop, future, context, func, args = job
             try:
                 result = context.run(func, *args)
-            except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
+            except BaseException as error:
                 outcome: tuple[bool, Any] = (False, error)
             else:
                 outcome = (True, result)

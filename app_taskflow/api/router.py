@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
@@ -20,8 +20,12 @@ class ErrorBody(BaseModel):
     detail: str
 
 
-_NOT_FOUND = {404: {"model": ErrorBody, "description": "No task has this id."}}
-_CONFLICT = {409: {"model": ErrorBody, "description": "The task's status does not allow it."}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "No task has this id."}
+}
+_CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "The task's status does not allow it."}
+}
 
 
 def build_router(taskflow: Taskflow) -> APIRouter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -106,7 +107,9 @@ class TaskStore(ABC):
         """
 
     @abstractmethod
-    async def claim_next(self, instance_id: str, now: datetime, limit: int) -> list[TaskRecord]:
+    async def claim_next(
+        self, instance_id: str, now: datetime, limit: int
+    ) -> builtins.list[TaskRecord]:
         """Claim up to ``limit`` ownerless PENDING tasks that are due, oldest first.
 
         These are tasks released at shutdown, recovered from a dead instance or queued
@@ -135,7 +138,9 @@ class TaskStore(ABC):
         """Append log entries to a task, keeping their order. Unknown ids are ignored."""
 
     @abstractmethod
-    async def heartbeat(self, instance_id: str, now: datetime, expires_at: datetime) -> list[str]:
+    async def heartbeat(
+        self, instance_id: str, now: datetime, expires_at: datetime
+    ) -> builtins.list[str]:
         """Create or renew the lease of an instance until ``expires_at``.
 
         Returns:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime
@@ -86,7 +87,9 @@ class MemoryStore(TaskStore):
             return None
         return self._start_attempt(record, instance_id, now)
 
-    async def claim_next(self, instance_id: str, now: datetime, limit: int) -> list[TaskRecord]:
+    async def claim_next(
+        self, instance_id: str, now: datetime, limit: int
+    ) -> builtins.list[TaskRecord]:
         ready = sorted(
             (
                 record
@@ -117,7 +120,9 @@ class MemoryStore(TaskStore):
         if record is not None:
             record.logs.extend(entry.model_copy() for entry in entries)
 
-    async def heartbeat(self, instance_id: str, now: datetime, expires_at: datetime) -> list[str]:
+    async def heartbeat(
+        self, instance_id: str, now: datetime, expires_at: datetime
+    ) -> builtins.list[str]:
         self._leases[instance_id] = expires_at
         return [
             record.id
