@@ -39,8 +39,10 @@ class RequestTasks:
         """Write the tasks added so far to the store in one batch."""
         if not self._unsaved:
             return
-        records, self._unsaved = self._unsaved, []
+        records = list(self._unsaved)
         await self.taskflow.store.create(records)
+        # Removed only once stored, so a failed write leaves them to discard() to report.
+        del self._unsaved[: len(records)]
         self._saved.extend((record.id, record.name) for record in records)
 
     def start(self) -> None:

@@ -55,9 +55,11 @@ class Runner:
                 return await self._run_async(definition, context, args, kwargs, started)
             return await self._run_sync(definition, context, args, kwargs, started)
         except asyncio.CancelledError as error:
-            if context.cancel_requested:
-                return AttemptResult(duration=perf_counter() - started, cancelled=True)
             task = asyncio.current_task()
+            if context.cancel_requested:
+                if task is not None:
+                    task.uncancel()  # The cancel was for the task function, and it is done.
+                return AttemptResult(duration=perf_counter() - started, cancelled=True)
             if task is not None and task.cancelling():
                 raise
             # The task function raised CancelledError itself: an ordinary failure.
