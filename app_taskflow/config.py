@@ -178,6 +178,9 @@ def _describe(item: Any) -> str:
         return f"{key}.kind is missing; allowed kinds: 'memory', 'sqlite'"
     if item["type"] == "missing":
         return f"{key} is missing"
+    if item["type"] == "value_error":
+        # Raised by a model validator: its own sentence already names the keys.
+        return f"{key}: {item['ctx']['error']}"
     value = item.get("input")
     return f"{key}: invalid value {value!r}: {item['msg']}"
 

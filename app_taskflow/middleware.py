@@ -126,6 +126,11 @@ class TaskflowMiddleware:
             raise
         if status is None or status >= 400:
             await tasks.discard(f"the request ended with status {status}")
+            return
+        # Tasks added after the last body part: FastAPI (0.165) runs the exit code of a
+        # dependency with yield once the response is sent, and that code may add tasks.
+        await tasks.save()
+        tasks.start()
 
 
 def _is_last_body(message: dict[str, Any] | Message) -> bool:

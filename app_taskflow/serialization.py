@@ -26,7 +26,10 @@ class ArgumentCodec:
 
     def __init__(self, func: Callable[..., Any], *, task_name: str) -> None:
         self._task_name = task_name
-        self._signature = inspect.signature(func)
+        try:
+            self._signature = inspect.signature(func, eval_str=True)
+        except (NameError, TypeError):
+            self._signature = inspect.signature(func)
         try:
             hints = typing.get_type_hints(func, include_extras=True)
         except (NameError, TypeError) as error:
@@ -69,7 +72,10 @@ class ArgumentCodec:
             self._encode_one(self._positional_name(index), value)
             for index, value in enumerate(args)
         ]
-        encoded_kwargs = {name: self._encode_one(name, value) for name, value in kwargs.items()}
+        encoded_kwargs = {
+            name: self._encode_one(self._keyword_name(name), value)
+            for name, value in kwargs.items()
+        }
         return encoded_args, encoded_kwargs
 
     def decode(
@@ -102,13 +108,19 @@ class ArgumentCodec:
     def _encode_one(self, parameter: str, value: Any) -> Any:
         adapter = self._adapter(parameter)
         try:
-            encoded = adapter.dump_python(value, mode="json")
+            # A value that does not match the hint only makes pydantic warn here. The decode
+            # below rejects it with a message that names the argument, so no warning is shown.
+            encoded = adapter.dump_python(value, mode="json", warnings=False)
             decoded = adapter.validate_python(encoded)
         except (PydanticSerializationError, ValueError, TypeError) as error:
             raise TaskArgumentError(
                 f"Argument {parameter!r} of task {self._task_name!r} cannot be stored as "
-                f"JSON: {type(value).__name__} value {_short(value)} ({error}). Pass a "
-                "JSON-compatible value or a pydantic model, and annotate the parameter."
+                f"JSON: {type(value).__name__} value {_short(value)} ({error}). "
+                + (
+                    "Pass a JSON-compatible value or a pydantic model, and annotate the parameter."
+                    if adapter is _ANY_ADAPTER
+                    else "Pass a value of the annotated type."
+                )
             ) from error
 
         untyped = adapter is _ANY_ADAPTER

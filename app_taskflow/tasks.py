@@ -41,7 +41,12 @@ class RetryPolicy:
     timeout: float | None = None
 
     def __post_init__(self) -> None:
-        _require(self.retries >= 0, "retries", self.retries, "a whole number >= 0")
+        _require(
+            isinstance(self.retries, int) and self.retries >= 0,
+            "retries",
+            self.retries,
+            "a whole number >= 0",
+        )
         _require(self.delay >= 0, "delay", self.delay, "a number of seconds >= 0")
         _require(self.backoff >= 1, "backoff", self.backoff, "a factor >= 1")
         _require(
@@ -56,6 +61,12 @@ class RetryPolicy:
             "timeout",
             self.timeout,
             "a number of seconds > 0 or None",
+        )
+        _require(
+            isinstance(self.retry_on, tuple),
+            "retry_on",
+            self.retry_on,
+            "a tuple of exception classes",
         )
         for exc_type in self.retry_on:
             _require(
@@ -80,7 +91,12 @@ class RetryPolicy:
 
     def delay_after(self, attempt: int) -> float:
         """Return the seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        delay = self.delay * self.backoff ** (attempt - 1)
+        try:
+            delay = self.delay * self.backoff ** (attempt - 1)
+        except OverflowError:
+            # Past about 1.8e308 a float power raises instead of returning inf, and so does an
+            # int power converted to float. The delay is then infinite, so max_delay caps it.
+            delay = math.inf if self.delay else 0.0
         if self.jitter:
             delay *= 1 + random.uniform(-self.jitter, self.jitter)
         if self.max_delay is not None:

@@ -123,9 +123,11 @@ class TaskStore(ABC):
         """Record how attempt number ``attempt`` ended.
 
         ``outcome.status`` is a terminal status, or ``PENDING`` with ``scheduled_at`` when
-        another attempt follows; the task then stays owned by ``instance_id``. The
-        matching ``AttemptRecord`` gets the end time, status and error. A terminal outcome
-        also clears ``cancel_requested``.
+        another attempt follows; the task then stays owned by ``instance_id``. A
+        ``PENDING`` outcome for a task whose cancel was requested is stored as
+        ``CANCELLED`` instead. The matching ``AttemptRecord`` gets the end time, the error
+        and a status: the outcome's, or ``FAILED`` for a ``PENDING`` outcome. A terminal
+        outcome clears ``cancel_requested``; ``SUCCESS`` also clears ``traceback``.
 
         Returns:
             ``True`` when written; ``False`` when the task is no longer ``RUNNING`` under
@@ -156,7 +158,8 @@ class TaskStore(ABC):
         PENDING tasks lose their owner (keeping ``scheduled_at``). Their RUNNING tasks
         become ``INTERRUPTED`` with ``finished_at = now``, or ``PENDING`` without owner
         when ``requeue_on_interrupt`` is set; either way ``attempts`` is kept and the
-        current ``AttemptRecord`` ends as ``INTERRUPTED``. Expired leases are deleted.
+        current ``AttemptRecord`` ends as ``INTERRUPTED``. An interrupted task's
+        ``duration`` is the time from ``started_at`` to ``now``. Expired leases are deleted.
 
         Atomicity: each task is taken back by at most one caller.
         """
@@ -186,9 +189,10 @@ class TaskStore(ABC):
     async def retry(self, task_id: str, now: datetime, extra_attempts: int) -> TaskRecord:
         """Queue a FAILED or INTERRUPTED task again as a new attempt of the same task.
 
-        The task becomes ``PENDING`` without owner, ``scheduled_at`` and error fields
-        cleared, ``max_attempts = attempts + extra_attempts``; its attempt history and
-        logs stay.
+        The task becomes ``PENDING`` without owner, with ``scheduled_at``,
+        ``finished_at``, ``error_type``, ``error_message`` and ``cancel_requested``
+        cleared and ``max_attempts = attempts + extra_attempts``. Its attempt history,
+        logs and last traceback stay.
 
         Raises:
             TaskNotFoundError: no task has this id.

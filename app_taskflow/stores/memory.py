@@ -133,7 +133,7 @@ class MemoryStore(TaskStore):
         ]
 
     async def recover_expired(self, now: datetime) -> RecoveryReport:
-        expired = {owner for owner, expires_at in self._leases.items() if expires_at <= now}
+        expired = {owner for owner, expires_at in self._leases.items() if expires_at < now}
         for owner in expired:
             del self._leases[owner]
 
@@ -236,12 +236,19 @@ def check_retryable(record: TaskRecord) -> None:
 
 
 def apply_outcome(record: TaskRecord, outcome: AttemptOutcome) -> None:
-    """Write an attempt's outcome onto a RUNNING record and its current attempt."""
+    """Write an attempt's outcome onto a RUNNING record and its current attempt.
+
+    A retry outcome for a task whose cancel was requested ends it as CANCELLED instead,
+    because the request may have reached the store after the runner decided to retry.
+    """
+    if outcome.status is TaskStatus.PENDING and record.cancel_requested:
+        outcome = outcome.model_copy(update={"status": TaskStatus.CANCELLED, "scheduled_at": None})
     record.status = outcome.status
     record.duration = outcome.duration
     record.error_type = outcome.error_type
     record.error_message = outcome.error_message
-    if outcome.traceback is not None:
+    if outcome.traceback is not None or outcome.status is TaskStatus.SUCCESS:
+        # A success clears the traceback of an earlier failure; a retry keeps it until then.
         record.traceback = outcome.traceback
     if outcome.status is TaskStatus.PENDING:
         record.scheduled_at = outcome.scheduled_at
@@ -286,6 +293,8 @@ def take_back(record: TaskRecord, now: datetime, report: RecoveryReport) -> None
     else:
         record.status = TaskStatus.INTERRUPTED
         record.finished_at = now
+        if record.started_at is not None:
+            record.duration = (now - record.started_at).total_seconds()
         record.error_type = "Interrupted"
         record.error_message = "The instance running this task stopped before it finished."
         report.interrupted.append(record.id)
