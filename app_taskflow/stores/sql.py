@@ -48,7 +48,7 @@ from app_taskflow.models import (
     TaskStatus,
 )
 from app_taskflow.stores.base import TaskStore, build_metrics
-from app_taskflow.stores.memory import (
+from app_taskflow.stores.records import (
     apply_outcome,
     check_cancellable,
     check_retryable,
