@@ -338,7 +338,13 @@ class Dispatcher:
                 continue
             records = await self._store_call(
                 "claim ownerless tasks",
-                partial(self.store.claim_next, self.instance_id, self._clock(), min(free, 100)),
+                partial(
+                    self.store.claim_next,
+                    self.instance_id,
+                    self._clock(),
+                    min(free, 100),
+                    self._registry.names(),
+                ),
             )
             for record in records or []:
                 self._spawn(record.id, record)

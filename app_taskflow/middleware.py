@@ -110,18 +110,21 @@ class TaskflowMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                if status < 400:
-                    # Stored before promised: the client sees no byte of a response that
-                    # carries a task id before that task is in the store.
-                    await tasks.save()
+            if status is not None and status < 400:
+                # Stored before promised: the client sees no byte of a response that may
+                # carry a task id before that task is in the store, streamed parts included.
+                await tasks.save()
             await send(message)
             if _is_last_body(message) and status is not None and status < 400:
-                await tasks.save()  # Tasks added while a streaming body was sent.
                 tasks.start()
 
         try:
             await self.app(scope, receive, send_after_saving)
         except BaseException:
+            if status is not None and status < 400:
+                # The response had started, so the client may hold the ids of the tasks
+                # stored then: those run. Tasks added later were never promised.
+                tasks.start()
             await tasks.discard("the request failed with an unhandled error")
             raise
         if status is None or status >= 400:

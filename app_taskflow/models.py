@@ -171,6 +171,20 @@ class TaskMetrics(NameMetrics):
     by_name: dict[str, NameMetrics] = Field(default_factory=dict)
 
 
+class TaskChange(BaseModel):
+    """A change to one task, as ``TaskStore.watch()`` delivers it to every instance.
+
+    ``summary`` is the task after a change of its record; ``log`` is a new log entry.
+    A change with ``resync`` set carries nothing else: the watcher fell behind and missed
+    changes, so a consumer that mirrors tasks should read them from the store again.
+    """
+
+    task_id: str = ""
+    summary: TaskSummary | None = None
+    log: LogEntry | None = None
+    resync: bool = False
+
+
 class RecoveryReport(BaseModel):
     """Tasks taken back from instances whose lease expired or that shut down."""
 

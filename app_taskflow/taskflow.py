@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from app_taskflow.dispatcher import Dispatcher, DispatcherSettings, new_instance_id
 from app_taskflow.errors import TaskflowError
@@ -19,7 +19,8 @@ from app_taskflow.workers import WorkerPool
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Taskflow:
@@ -49,7 +50,7 @@ class Taskflow:
         self._pool: WorkerPool | None = None
 
     @overload
-    def task(self, func: F, /) -> F: ...
+    def task(self, func: Callable[P, R], /) -> TaskDefinition[P, R]: ...
 
     @overload
     def task(
@@ -66,7 +67,7 @@ class Taskflow:
         retry_on: tuple[type[BaseException], ...] | None = None,
         timeout: float | None = None,
         requeue_on_interrupt: bool = False,
-    ) -> Callable[[F], F]: ...
+    ) -> Callable[[Callable[P, R]], TaskDefinition[P, R]]: ...
 
     def task(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 
 from app_taskflow.models import (
@@ -14,6 +14,7 @@ from app_taskflow.models import (
     LogEntry,
     NameMetrics,
     RecoveryReport,
+    TaskChange,
     TaskMetrics,
     TaskPage,
     TaskQuery,
@@ -108,12 +109,14 @@ class TaskStore(ABC):
 
     @abstractmethod
     async def claim_next(
-        self, instance_id: str, now: datetime, limit: int
+        self, instance_id: str, now: datetime, limit: int, names: Collection[str]
     ) -> builtins.list[TaskRecord]:
         """Claim up to ``limit`` ownerless PENDING tasks that are due, oldest first.
 
         These are tasks released at shutdown, recovered from a dead instance or queued
-        again by ``retry``. Each is claimed exactly as ``claim`` does.
+        again by ``retry``. Only tasks whose name is in ``names`` (the tasks the calling
+        instance can run) are claimed, so that during a rolling deploy an instance never
+        takes a task whose code it lacks. Each is claimed exactly as ``claim`` does.
         """
 
     @abstractmethod
@@ -198,6 +201,30 @@ class TaskStore(ABC):
             TaskNotFoundError: no task has this id.
             TaskStateError: the task is not FAILED or INTERRUPTED, or its idempotency key
                 is now held by another task.
+        """
+
+    @abstractmethod
+    async def prune(self, now: datetime, max_age: float | None, max_count: int | None) -> int:
+        """Delete finished tasks with their attempts and logs; return how many were deleted.
+
+        A task in ``TERMINAL_STATUSES`` is deleted when its ``finished_at`` is more than
+        ``max_age`` seconds before ``now``, or when it is not among the ``max_count`` most
+        recently finished ones. ``None`` turns either rule off. PENDING and RUNNING tasks
+        are never deleted. A store may delete at most a batch per call so that no single
+        transaction holds it for long; callers repeat the call until it returns 0.
+        """
+
+    @abstractmethod
+    def watch(self) -> AsyncIterator[TaskChange]:
+        """Yield every change to tasks made by any instance from now on, in order per task.
+
+        Every write method above that changes a task (``create``, ``claim``,
+        ``claim_next``, ``finish``, ``cancel``, ``retry``, ``recover_expired``,
+        ``release``) yields a change with the task's new summary, and ``append_logs``
+        yields one change per entry. Changes made by other instances on a shared store
+        arrive within about a second. Delivery is at most once: a watcher that falls
+        behind receives a change with ``resync`` set in place of the ones it missed.
+        Closing the iterator (``aclose()``, or leaving ``async for``) frees its resources.
         """
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import builtins
 from collections import defaultdict
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import AsyncIterator, Collection, Sequence
+from datetime import datetime, timedelta
 
 from app_taskflow.errors import TaskNotFoundError, TaskStateError
+from app_taskflow.events import ChangeFanout
 from app_taskflow.models import (
     IDEMPOTENCY_HOLDING_STATUSES,
     TERMINAL_STATUSES,
@@ -15,6 +16,7 @@ from app_taskflow.models import (
     AttemptRecord,
     LogEntry,
     RecoveryReport,
+    TaskChange,
     TaskMetrics,
     TaskPage,
     TaskQuery,
@@ -44,6 +46,8 @@ class MemoryStore(TaskStore):
     def __init__(self) -> None:
         self._tasks: dict[str, TaskRecord] = {}
         self._leases: dict[str, datetime] = {}
+        self._key_holders: dict[str, str] = {}
+        self._changes = ChangeFanout()
 
     async def create(self, records: Sequence[TaskRecord]) -> list[str]:
         ids: list[str] = []
@@ -53,7 +57,11 @@ class MemoryStore(TaskStore):
                 check_same_task(existing, record)
                 ids.append(existing.id)
                 continue
-            self._tasks[record.id] = record.model_copy(deep=True)
+            stored = record.model_copy(deep=True)
+            self._tasks[record.id] = stored
+            if record.idempotency_key is not None:
+                self._key_holders[record.idempotency_key] = record.id
+            self._publish(stored)
             ids.append(record.id)
         return ids
 
@@ -95,13 +103,13 @@ class MemoryStore(TaskStore):
         return self._start_attempt(record, instance_id, now)
 
     async def claim_next(
-        self, instance_id: str, now: datetime, limit: int
+        self, instance_id: str, now: datetime, limit: int, names: Collection[str]
     ) -> builtins.list[TaskRecord]:
         ready = sorted(
             (
                 record
                 for record in self._tasks.values()
-                if record.owner is None and _is_claimable(record, now)
+                if record.owner is None and record.name in names and _is_claimable(record, now)
             ),
             key=lambda record: (record.created_at, record.id),
         )
@@ -120,12 +128,17 @@ class MemoryStore(TaskStore):
             return False
 
         apply_outcome(record, outcome)
+        self._publish(record)
         return True
 
     async def append_logs(self, task_id: str, entries: Sequence[LogEntry]) -> None:
         record = self._tasks.get(task_id)
-        if record is not None:
-            record.logs.extend(entry.model_copy() for entry in entries)
+        if record is None:
+            return
+        for entry in entries:
+            record.logs.append(entry.model_copy())
+            if self._changes.has_watchers:
+                self._changes.publish(TaskChange(task_id=task_id, log=entry.model_copy()))
 
     async def heartbeat(
         self, instance_id: str, now: datetime, expires_at: datetime
@@ -148,6 +161,7 @@ class MemoryStore(TaskStore):
         for record in self._tasks.values():
             if record.owner is not None and record.owner not in self._leases:
                 take_back(record, now, report)
+                self._publish(record)
         return report
 
     async def release(self, instance_id: str, now: datetime) -> RecoveryReport:
@@ -156,6 +170,7 @@ class MemoryStore(TaskStore):
         for record in self._tasks.values():
             if record.owner == instance_id:
                 take_back(record, now, report)
+                self._publish(record)
         return report
 
     async def cancel(self, task_id: str, now: datetime) -> TaskRecord:
@@ -170,6 +185,7 @@ class MemoryStore(TaskStore):
             record.owner = None
         else:
             record.cancel_requested = True
+        self._publish(record)
         return record.model_copy(deep=True)
 
     async def retry(self, task_id: str, now: datetime, extra_attempts: int) -> TaskRecord:
@@ -184,15 +200,46 @@ class MemoryStore(TaskStore):
                 f"{record.idempotency_key!r} is now held by task {holder.id}."
             )
         requeue(record, extra_attempts)
+        if record.idempotency_key is not None:
+            self._key_holders[record.idempotency_key] = record.id
+        self._publish(record)
         return record.model_copy(deep=True)
+
+    async def prune(self, now: datetime, max_age: float | None, max_count: int | None) -> int:
+        finished = sorted(
+            (record for record in self._tasks.values() if record.status in TERMINAL_STATUSES),
+            key=lambda record: (record.finished_at or record.created_at, record.id),
+            reverse=True,
+        )
+        doomed = finished[max_count:] if max_count is not None else []
+        if max_age is not None:
+            cutoff = now - timedelta(seconds=max_age)
+            doomed.extend(
+                record
+                for record in finished[: len(finished) - len(doomed)]
+                if (record.finished_at or record.created_at) < cutoff
+            )
+        for record in doomed:
+            del self._tasks[record.id]
+            key = record.idempotency_key
+            if key is not None and self._key_holders.get(key) == record.id:
+                del self._key_holders[key]
+        return len(doomed)
+
+    def watch(self) -> AsyncIterator[TaskChange]:
+        return self._changes.watch()
+
+    def _publish(self, record: TaskRecord) -> None:
+        if self._changes.has_watchers:
+            self._changes.publish(TaskChange(task_id=record.id, summary=record.summary()))
 
     def _holder_of_key(self, key: str | None) -> TaskRecord | None:
         if key is None:
             return None
-        for record in self._tasks.values():
-            if record.idempotency_key == key and record.status in IDEMPOTENCY_HOLDING_STATUSES:
-                return record
-        return None
+        record = self._tasks.get(self._key_holders.get(key, ""))
+        if record is None or record.status not in IDEMPOTENCY_HOLDING_STATUSES:
+            return None
+        return record
 
     def _start_attempt(self, record: TaskRecord, instance_id: str, now: datetime) -> TaskRecord:
         record.status = TaskStatus.RUNNING
@@ -203,6 +250,7 @@ class MemoryStore(TaskStore):
         record.attempt_history.append(
             AttemptRecord(number=record.attempts, instance_id=instance_id, started_at=now)
         )
+        self._publish(record)
         return record.model_copy(deep=True)
 
 

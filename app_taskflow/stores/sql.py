@@ -7,8 +7,8 @@ import random
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, TypeVarTuple
 
 import anyio
@@ -41,6 +41,7 @@ from app_taskflow.models import (
     AttemptOutcome,
     LogEntry,
     RecoveryReport,
+    TaskChange,
     TaskMetrics,
     TaskPage,
     TaskQuery,
@@ -133,11 +134,11 @@ class SqlStore(TaskStore):
         return await self._write("claim", _claim, task_id, instance_id, now)
 
     async def claim_next(
-        self, instance_id: str, now: datetime, limit: int
+        self, instance_id: str, now: datetime, limit: int, names: Collection[str]
     ) -> builtins.list[TaskRecord]:
-        if limit <= 0:
+        if limit <= 0 or not names:
             return []
-        return await self._write("claim_next", _claim_next, instance_id, now, limit)
+        return await self._write("claim_next", _claim_next, instance_id, now, limit, list(names))
 
     async def finish(
         self, task_id: str, instance_id: str, attempt: int, outcome: AttemptOutcome
@@ -164,6 +165,14 @@ class SqlStore(TaskStore):
 
     async def retry(self, task_id: str, now: datetime, extra_attempts: int) -> TaskRecord:
         return await self._write("retry", _retry, task_id, extra_attempts)
+
+    async def prune(self, now: datetime, max_age: float | None, max_count: int | None) -> int:
+        return await self._write("prune", _prune, now, max_age, max_count)
+
+    async def watch(self) -> AsyncIterator[TaskChange]:
+        # TODO: deliver changes by polling a change sequence (SQLite) or LISTEN/NOTIFY.
+        raise NotImplementedError("SqlStore.watch() is not implemented yet.")
+        yield  # pragma: no cover - makes this function an async generator
 
     async def _read(self, operation: str, work: Callable[[Session, *Ts], T], *args: *Ts) -> T:
         return await self._run(operation, self._engine, work, *args)
@@ -382,10 +391,12 @@ def _claim(session: Session, task_id: str, instance_id: str, now: datetime) -> T
     return _records_with_attempts(session, [row])[0]
 
 
-def _claim_next(session: Session, instance_id: str, now: datetime, limit: int) -> list[TaskRecord]:
+def _claim_next(
+    session: Session, instance_id: str, now: datetime, limit: int, names: list[str]
+) -> list[TaskRecord]:
     statement = (
         select(TaskRow)
-        .where(col(TaskRow.owner).is_(None), *_claimable(now))
+        .where(col(TaskRow.owner).is_(None), col(TaskRow.name).in_(names), *_claimable(now))
         .order_by(col(TaskRow.created_at), col(TaskRow.id))
         .limit(limit)
     )
@@ -462,6 +473,41 @@ def _cancel(session: Session, task_id: str, now: datetime) -> TaskRecord:
             record.cancel_requested = True
 
     return _change_task(session, task_id, cancel_record)
+
+
+PRUNE_BATCH = 1000
+"""Tasks deleted by one prune transaction, so that no prune holds the write lock for long."""
+
+
+def _prune(session: Session, now: datetime, max_age: float | None, max_count: int | None) -> int:
+    finished = col(TaskRow.status).in_([status.value for status in TERMINAL_STATUSES])
+    doomed: set[str] = set()
+    if max_age is not None:
+        cutoff = now - timedelta(seconds=max_age)
+        doomed.update(
+            session.exec(
+                select(TaskRow.id)
+                .where(finished, col(TaskRow.finished_at) < cutoff)
+                .limit(PRUNE_BATCH)
+            ).all()
+        )
+    if max_count is not None:
+        doomed.update(
+            session.exec(
+                select(TaskRow.id)
+                .where(finished)
+                .order_by(col(TaskRow.finished_at).desc(), col(TaskRow.id).desc())
+                .offset(max_count)
+                .limit(PRUNE_BATCH)
+            ).all()
+        )
+    if not doomed:
+        return 0
+    ids = list(doomed)
+    session.exec(delete(LogRow).where(col(LogRow.task_id).in_(ids)))
+    session.exec(delete(AttemptRow).where(col(AttemptRow.task_id).in_(ids)))
+    session.exec(delete(TaskRow).where(col(TaskRow.id).in_(ids)))
+    return len(ids)
 
 
 def _retry(session: Session, task_id: str, extra_attempts: int) -> TaskRecord:

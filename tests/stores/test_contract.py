@@ -28,6 +28,7 @@ Clock = Callable[[float], datetime]
 
 INSTANCE_A = "instance-a"
 INSTANCE_B = "instance-b"
+TASK_NAMES = ("send_email", "resize_image", "send_sms")
 TRACEBACK = "Traceback (most recent call last):\nValueError: invalid address\n"
 STOPPED_INSTANCE = "instance-stopped"
 """The instance that ``create_in_status`` claims and releases to make INTERRUPTED tasks."""
@@ -426,7 +427,7 @@ async def test_claim_next_starts_attempt(
 ) -> None:
     task_id = await create_task(store, make_record())
 
-    claimed = await store.claim_next(INSTANCE_A, clock(5), limit=10)
+    claimed = await store.claim_next(INSTANCE_A, clock(5), limit=10, names=TASK_NAMES)
 
     assert [record.id for record in claimed] == [task_id]
     stored = await store.get(task_id)
@@ -447,7 +448,7 @@ async def test_claim_next_skips_owned_tasks(
     await create_task(store, make_record(owner=INSTANCE_B))
     ownerless_id = await create_task(store, make_record())
 
-    claimed = await store.claim_next(INSTANCE_A, clock(5), limit=10)
+    claimed = await store.claim_next(INSTANCE_A, clock(5), limit=10, names=TASK_NAMES)
 
     assert [record.id for record in claimed] == [ownerless_id]
 
@@ -458,7 +459,7 @@ async def test_claim_next_skips_tasks_not_due(
     await create_task(store, make_record(scheduled_at=clock(6)))
     due_id = await create_task(store, make_record(scheduled_at=clock(5)))
 
-    claimed = await store.claim_next(INSTANCE_A, clock(5), limit=10)
+    claimed = await store.claim_next(INSTANCE_A, clock(5), limit=10, names=TASK_NAMES)
 
     assert [record.id for record in claimed] == [due_id]
 
@@ -469,7 +470,7 @@ async def test_claim_next_skips_finished_tasks(
 ) -> None:
     await create_in_status(store, make_record(), status, clock)
 
-    assert await store.claim_next(INSTANCE_A, clock(5), limit=10) == []
+    assert await store.claim_next(INSTANCE_A, clock(5), limit=10, names=TASK_NAMES) == []
 
 
 async def test_claim_next_skips_cancel_requested(
@@ -478,7 +479,7 @@ async def test_claim_next_skips_cancel_requested(
     task_id = await create_waiting_with_cancel(store, make_record(max_attempts=2), clock)
     await store.release(INSTANCE_A, clock(4))
 
-    assert await store.claim_next(INSTANCE_B, clock(5), limit=10) == []
+    assert await store.claim_next(INSTANCE_B, clock(5), limit=10, names=TASK_NAMES) == []
     assert await store.claim(task_id, INSTANCE_B, clock(5)) is None
 
 
@@ -490,7 +491,7 @@ async def test_claim_next_oldest_first(
     oldest = make_record(created_at=clock(-30))
     await store.create([middle, newest, oldest])
 
-    claimed = await store.claim_next(INSTANCE_A, clock(5), limit=10)
+    claimed = await store.claim_next(INSTANCE_A, clock(5), limit=10, names=TASK_NAMES)
 
     assert [record.id for record in claimed] == [oldest.id, middle.id, newest.id]
 
@@ -501,7 +502,7 @@ async def test_claim_next_respects_limit(
     records = [make_record() for _ in range(5)]
     await store.create(records)
 
-    claimed = await store.claim_next(INSTANCE_A, clock(5), limit=2)
+    claimed = await store.claim_next(INSTANCE_A, clock(5), limit=2, names=TASK_NAMES)
 
     assert [record.id for record in claimed] == [records[0].id, records[1].id]
 
@@ -514,7 +515,7 @@ async def test_claim_next_never_claims_twice(
 
     claimed_ids: list[str] = []
     for second in range(4):
-        batch = await store.claim_next(INSTANCE_A, clock(5 + second), limit=2)
+        batch = await store.claim_next(INSTANCE_A, clock(5 + second), limit=2, names=TASK_NAMES)
         claimed_ids.extend(record.id for record in batch)
 
     assert claimed_ids == [record.id for record in records]
@@ -526,7 +527,7 @@ async def test_claim_next_concurrent_no_duplicates(
     await store.create([make_record() for _ in range(10)])
 
     batches = await asyncio.gather(
-        *(store.claim_next(f"instance-{n}", clock(5), limit=3) for n in range(5))
+        *(store.claim_next(f"instance-{n}", clock(5), limit=3, names=TASK_NAMES) for n in range(5))
     )
 
     claimed_ids = [record.id for batch in batches for record in batch]
@@ -668,7 +669,7 @@ async def test_finish_pending_rejects_other_instances(
     await store.finish(task_id, INSTANCE_A, 1, retry_outcome)
 
     assert await store.claim(task_id, INSTANCE_B, clock(30)) is None
-    assert await store.claim_next(INSTANCE_B, clock(30), limit=10) == []
+    assert await store.claim_next(INSTANCE_B, clock(30), limit=10, names=TASK_NAMES) == []
 
 
 async def test_finish_pending_rejects_claim_before_due(
@@ -884,7 +885,7 @@ async def test_recover_expired_requeued_task_runs_again(
     await store.heartbeat(INSTANCE_A, clock(1), expires_at=clock(10))
     await store.recover_expired(clock(20))
 
-    claimed = await store.claim_next(INSTANCE_B, clock(21), limit=10)
+    claimed = await store.claim_next(INSTANCE_B, clock(21), limit=10, names=TASK_NAMES)
 
     assert [task.id for task in claimed] == [task_id]
     assert claimed[0].attempts == 2
@@ -1069,7 +1070,7 @@ async def test_cancel_pending_never_claimable(
     await store.cancel(task_id, clock(5))
 
     assert await store.claim(task_id, INSTANCE_A, clock(6)) is None
-    assert await store.claim_next(INSTANCE_A, clock(6), limit=10) == []
+    assert await store.claim_next(INSTANCE_A, clock(6), limit=10, names=TASK_NAMES) == []
 
 
 async def test_cancel_waiting_retry_never_claimable(
@@ -1192,7 +1193,7 @@ async def test_retry_runs_next_attempt(
     task_id = await create_in_status(store, make_record(), TaskStatus.FAILED, clock)
     await store.retry(task_id, clock(10), extra_attempts=1)
 
-    claimed = await store.claim_next(INSTANCE_B, clock(11), limit=10)
+    claimed = await store.claim_next(INSTANCE_B, clock(11), limit=10, names=TASK_NAMES)
 
     assert [task.id for task in claimed] == [task_id]
     stored = await store.get(task_id)

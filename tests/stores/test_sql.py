@@ -311,7 +311,7 @@ async def main(url: str, instance_id: str, start_file: str) -> None:
         await asyncio.sleep(0.005)
     now = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
     claimed = []
-    while batch := await store.claim_next(instance_id, now, 5):
+    while batch := await store.claim_next(instance_id, now, 5, ["send_email"]):
         claimed.extend(task.id for task in batch)
     await store.close()
     print(json.dumps(claimed), flush=True)
