@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -129,21 +129,61 @@ class AttemptOutcome(BaseModel):
 
 
 class TaskQuery(BaseModel):
-    """Filters and page position for listing tasks, newest first."""
+    """Filters, order and page position for listing tasks.
+
+    Tasks are ordered by ``created_at``, then id. ``cursor`` (from ``TaskPage.next_cursor``)
+    starts the page after the task it names and takes precedence over ``offset``; it stays
+    fast however deep the page is.
+    """
 
     statuses: list[TaskStatus] | None = None
     name: str | None = None
+    search: str | None = Field(
+        default=None,
+        description=(
+            "Case-insensitive text found in the id, name, arguments (as JSON), error type, "
+            "error message or a log message."
+        ),
+    )
+    order: Literal["newest", "oldest"] = "newest"
     limit: int = Field(default=50, ge=1, le=1000)
     offset: int = Field(default=0, ge=0)
+    cursor: str | None = None
 
 
 class TaskPage(BaseModel):
-    """One page of tasks, newest first."""
+    """One page of tasks."""
 
     items: list[TaskSummary]
     limit: int
     offset: int
     has_more: bool
+    next_cursor: str | None = Field(
+        default=None, description="Pass as cursor to read the next page; null on the last."
+    )
+
+
+def encode_cursor(task: TaskSummary) -> str:
+    """Return the page cursor that points after ``task``."""
+    return f"{task.created_at.isoformat()}_{task.id}"
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Return the ``created_at`` and id a cursor points after.
+
+    Raises:
+        ValueError: the cursor was not made by ``encode_cursor``.
+    """
+    created_at, separator, task_id = cursor.partition("_")
+    try:
+        moment = datetime.fromisoformat(created_at)
+    except ValueError:
+        moment = None
+    if not separator or not task_id or moment is None or moment.tzinfo is None:
+        raise ValueError(
+            f"Invalid cursor {cursor!r}: pass the next_cursor of a previous page unchanged."
+        )
+    return moment, task_id
 
 
 class DurationStats(BaseModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
@@ -32,17 +32,39 @@ def build_router(taskflow: Taskflow) -> APIRouter:
     """Return the router of the REST API, bound to ``taskflow``."""
     router = APIRouter(tags=["tasks"])
 
-    @router.get("", response_model=TaskPage, summary="List tasks, newest first")
+    @router.get("", response_model=TaskPage, summary="List tasks, newest first by default")
     async def list_tasks(
         status: Annotated[
             list[TaskStatus] | None, Query(description="Keep tasks in these statuses.")
         ] = None,
         name: Annotated[str | None, Query(description="Keep tasks with this name.")] = None,
+        search: Annotated[
+            str | None,
+            Query(
+                max_length=200,
+                description="Text in the id, name, arguments, error or a log message.",
+            ),
+        ] = None,
+        order: Annotated[Literal["newest", "oldest"], Query()] = "newest",
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
         offset: Annotated[int, Query(ge=0)] = 0,
+        cursor: Annotated[
+            str | None, Query(description="next_cursor of the previous page.")
+        ] = None,
     ) -> TaskPage:
-        query = TaskQuery(statuses=status, name=name, limit=limit, offset=offset)
-        return await taskflow.store.list(query)
+        query = TaskQuery(
+            statuses=status,
+            name=name,
+            search=search or None,
+            order=order,
+            limit=limit,
+            offset=offset,
+            cursor=cursor,
+        )
+        try:
+            return await taskflow.store.list(query)
+        except ValueError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from error
 
     @router.get("/metrics", response_model=TaskMetrics, summary="Counts, success rate, durations")
     async def read_metrics() -> TaskMetrics:

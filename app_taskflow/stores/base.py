@@ -78,9 +78,15 @@ class TaskStore(ABC):
 
     @abstractmethod
     async def list(self, query: TaskQuery) -> TaskPage:
-        """Return one page of tasks matching ``query``, newest ``created_at`` first.
+        """Return one page of tasks matching ``query``, in the order it asks for.
 
-        Ties on ``created_at`` are broken by id, descending, so pages never overlap.
+        Tasks are ordered by ``created_at`` and then by id (both descending for
+        ``newest``), so pages never overlap. ``search`` matches as ``TaskQuery`` says.
+        With ``cursor``, the page starts after the task it names and ``offset`` is
+        ignored (the page reports offset 0). ``next_cursor`` is set when ``has_more`` is.
+
+        Raises:
+            ValueError: ``query.cursor`` is not a cursor from ``next_cursor``.
         """
 
     @abstractmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import json
 from collections import defaultdict
 from collections.abc import AsyncIterator, Collection, Sequence
 from datetime import datetime, timedelta
@@ -22,6 +23,8 @@ from app_taskflow.models import (
     TaskQuery,
     TaskRecord,
     TaskStatus,
+    decode_cursor,
+    encode_cursor,
 )
 from app_taskflow.stores.base import TaskStore, build_metrics
 from app_taskflow.stores.records import (
@@ -70,19 +73,28 @@ class MemoryStore(TaskStore):
         return None if record is None else record.model_copy(deep=True)
 
     async def list(self, query: TaskQuery) -> TaskPage:
+        newest_first = query.order == "newest"
+        after = decode_cursor(query.cursor) if query.cursor else None
+        search = query.search.casefold() if query.search else None
         matching = [
             record
             for record in self._tasks.values()
             if (query.statuses is None or record.status in query.statuses)
             and (query.name is None or record.name == query.name)
+            and (search is None or _mentions(record, search))
+            and (after is None or _is_after(record, after, newest_first))
         ]
-        matching.sort(key=lambda record: (record.created_at, record.id), reverse=True)
-        window = matching[query.offset : query.offset + query.limit + 1]
+        matching.sort(key=lambda record: (record.created_at, record.id), reverse=newest_first)
+        offset = 0 if after is not None else query.offset
+        window = matching[offset : offset + query.limit + 1]
+        items = [record.summary() for record in window[: query.limit]]
+        has_more = len(window) > query.limit
         return TaskPage(
-            items=[record.summary() for record in window[: query.limit]],
+            items=items,
             limit=query.limit,
-            offset=query.offset,
-            has_more=len(window) > query.limit,
+            offset=offset,
+            has_more=has_more,
+            next_cursor=encode_cursor(items[-1]) if has_more else None,
         )
 
     async def metrics(self) -> TaskMetrics:
@@ -252,6 +264,24 @@ class MemoryStore(TaskStore):
         )
         self._publish(record)
         return record.model_copy(deep=True)
+
+
+def _mentions(record: TaskRecord, folded_text: str) -> bool:
+    haystacks = [
+        record.id,
+        record.name,
+        json.dumps(record.args),
+        json.dumps(record.kwargs),
+        record.error_type or "",
+        record.error_message or "",
+        *(entry.message for entry in record.logs),
+    ]
+    return any(folded_text in haystack.casefold() for haystack in haystacks)
+
+
+def _is_after(record: TaskRecord, cursor: tuple[datetime, str], newest_first: bool) -> bool:
+    position = (record.created_at, record.id)
+    return position < cursor if newest_first else position > cursor
 
 
 def _is_claimable(record: TaskRecord, now: datetime) -> bool:
