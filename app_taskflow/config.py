@@ -35,8 +35,32 @@ class SqliteStoreSettings(_Section):
     busy_timeout: float = Field(default=30.0, gt=0, description="Seconds to wait for a lock.")
 
 
+class PostgresStoreSettings(_Section):
+    """PostgreSQL through SQLAlchemy and psycopg: shared by instances on several hosts."""
+
+    kind: Literal["postgres"]
+    url: str = Field(
+        pattern=r"^postgres(ql)?(\+psycopg)?://",
+        description="postgresql://user:password@host:port/database",
+    )
+
+
+class RedisStoreSettings(_Section):
+    """Redis through redis-py's asyncio client: shared by instances on several hosts."""
+
+    kind: Literal["redis"]
+    url: str = Field(pattern=r"^rediss?://", description="redis://host:port/db")
+    prefix: str = Field(
+        default="taskflow", pattern=r"^[A-Za-z0-9_\-:.]+$", description="Prefix of every key."
+    )
+
+
+STORE_KINDS = ("memory", "sqlite", "postgres", "redis")
+
 StoreSettings = Annotated[
-    Union[MemoryStoreSettings, SqliteStoreSettings],  # noqa: UP007 - discriminated union
+    Union[  # noqa: UP007 - discriminated union
+        MemoryStoreSettings, SqliteStoreSettings, PostgresStoreSettings, RedisStoreSettings
+    ],
     Field(discriminator="kind"),
 ]
 
@@ -94,6 +118,14 @@ class TaskflowSettings(_Section):
     leases: LeaseSettings = LeaseSettings()
     retry: RetrySettings = RetrySettings()
     api: ApiSettings = ApiSettings()
+
+
+_STORE_SETTINGS: dict[str, type[BaseModel]] = {
+    "memory": MemoryStoreSettings,
+    "sqlite": SqliteStoreSettings,
+    "postgres": PostgresStoreSettings,
+    "redis": RedisStoreSettings,
+}
 
 
 def load_settings(path: Path) -> TaskflowSettings:
@@ -175,7 +207,7 @@ def _describe(item: Any) -> str:
         tags = item["ctx"]["expected_tags"]
         return f"{key}.kind: unknown store kind {item['ctx']['tag']!r}; allowed kinds: {tags}"
     if item["type"] == "union_tag_not_found":
-        return f"{key}.kind is missing; allowed kinds: 'memory', 'sqlite'"
+        return f"{key}.kind is missing; allowed kinds: {', '.join(map(repr, STORE_KINDS))}"
     if item["type"] == "missing":
         return f"{key} is missing"
     if item["type"] == "value_error":
@@ -187,7 +219,7 @@ def _describe(item: Any) -> str:
 
 def _is_tag(location: tuple[Any, ...], part: Any) -> bool:
     # Pydantic puts the discriminator's value in the location of errors inside a union.
-    return len(location) > 1 and location[0] == "store" and part in ("memory", "sqlite")
+    return len(location) > 1 and location[0] == "store" and part in STORE_KINDS
 
 
 def _allowed_keys(location: tuple[Any, ...]) -> list[str]:
@@ -195,8 +227,8 @@ def _allowed_keys(location: tuple[Any, ...]) -> list[str]:
     for part in location:
         if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
             model = model.model_fields[part].annotation
-        elif part in ("memory", "sqlite"):
-            model = MemoryStoreSettings if part == "memory" else SqliteStoreSettings
+        elif part in STORE_KINDS:
+            model = _STORE_SETTINGS[part]
         else:
             return []
         model = _unwrap(model)

@@ -10,6 +10,7 @@ from dependency_injector import containers, providers
 from app_taskflow.config import TaskflowSettings, load_settings
 from app_taskflow.dispatcher import DispatcherSettings
 from app_taskflow.errors import ConfigurationError
+from app_taskflow.stores.base import TaskStore
 from app_taskflow.stores.memory import MemoryStore
 from app_taskflow.stores.sql import SqlStore
 from app_taskflow.taskflow import Taskflow
@@ -25,6 +26,23 @@ def sqlite_url(path: str) -> str:
     file = Path(path).expanduser()
     file.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{file}"
+
+
+def postgres_url(url: str) -> str:
+    """Return a PostgreSQL URL that names the psycopg driver SQLAlchemy should use."""
+    scheme, separator, rest = url.partition("://")
+    return f"postgresql+psycopg{separator}{rest}" if scheme in ("postgres", "postgresql") else url
+
+
+def build_redis_store(url: str, prefix: str) -> TaskStore:
+    """Return a ``RedisStore``; the import is deferred so that the extra stays optional.
+
+    Raises:
+        MissingExtraError: the ``redis`` package is not installed.
+    """
+    from app_taskflow.stores.redis import RedisStore
+
+    return RedisStore(url, prefix=prefix)
 
 
 class TaskflowContainer(containers.DeclarativeContainer):
@@ -44,6 +62,12 @@ class TaskflowContainer(containers.DeclarativeContainer):
             SqlStore,
             url=providers.Callable(sqlite_url, config.store.path),
             busy_timeout=config.store.busy_timeout,
+        ),
+        postgres=providers.Singleton(
+            SqlStore, url=providers.Callable(postgres_url, config.store.url)
+        ),
+        redis=providers.Singleton(
+            build_redis_store, url=config.store.url, prefix=config.store.prefix
         ),
     )
 
