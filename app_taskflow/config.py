@@ -178,7 +178,8 @@ def _expand_environment(value: Any, path: Path) -> Any:
     def replace(match: re.Match[str]) -> str:
         name, default = match.group("name"), match.group("default")
         found = os.environ.get(name)
-        if found is not None:
+        # As in the shell, ${NAME:-default} also takes the default when NAME is empty.
+        if found is not None and (found or default is None):
             return found
         if default is not None:
             return default

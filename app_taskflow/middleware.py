@@ -88,9 +88,10 @@ def request_tasks(scope: Scope) -> RequestTasks:
 class TaskflowMiddleware:
     """Stores the tasks a request added before its response starts, runs them after.
 
-    A request that raises, or whose response has status 400 or higher, runs none of its
-    tasks: those not stored yet are dropped with a warning, and those stored early (by
-    ``add_task_async`` or an idempotency key) are cancelled.
+    A request whose response has status 400 or higher, or that raises before its response
+    starts, runs none of its tasks: those not stored yet are dropped with a warning, and
+    those stored early (by ``add_task_async`` or an idempotency key) are cancelled. If it
+    raises after a successful response started, the tasks stored by then still run.
     """
 
     def __init__(self, app: ASGIApp, taskflow: Taskflow) -> None:

@@ -1,0 +1,1 @@
+"""Runnable example apps of app-taskflow, each with its own tests."""

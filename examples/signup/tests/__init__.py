@@ -1,0 +1,1 @@
+"""Tests of the signup example, run in-process against a memory store."""
