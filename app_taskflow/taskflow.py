@@ -165,6 +165,9 @@ class Taskflow:
 
     async def start(self) -> None:
         """Open the store and start the dispatcher. ``lifespan`` calls this."""
+        # Chosen at start, not at import: servers that import the app once and then fork
+        # their workers would otherwise give every worker the same id and lease.
+        self.instance_id = new_instance_id()
         store = self._store_factory()
         await store.open()
         pool = WorkerPool(self.settings.sync_workers)

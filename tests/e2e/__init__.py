@@ -1,0 +1,1 @@
+"""End-to-end tests: uvicorn processes on loopback that share real SQLite files."""
