@@ -73,6 +73,19 @@ class RunnerSettings(_Section):
     shutdown_grace: float = Field(default=10.0, ge=0)
 
 
+class OutageSettings(_Section):
+    """What ``add_task`` does while the store cannot be reached."""
+
+    policy: Literal["raise", "buffer"] = Field(
+        default="raise",
+        description=(
+            "raise: the request fails with 503. buffer: tasks wait in memory and are "
+            "stored when the store is back (lost if the process dies first)."
+        ),
+    )
+    buffer_size: int = Field(default=10_000, ge=1, description="Tasks the buffer holds.")
+
+
 class LeaseSettings(_Section):
     """Heartbeat and expiry of instance leases, and the polling interval, in seconds."""
 
@@ -117,6 +130,7 @@ class TaskflowSettings(_Section):
     runner: RunnerSettings = RunnerSettings()
     leases: LeaseSettings = LeaseSettings()
     retry: RetrySettings = RetrySettings()
+    outage: OutageSettings = OutageSettings()
     api: ApiSettings = ApiSettings()
 
 

@@ -89,6 +89,8 @@ class TaskflowContainer(containers.DeclarativeContainer):
         lease_expiry=config.leases.expiry,
         poll_interval=config.leases.poll_interval,
         retry_delay_scale=config.retry.delay_scale,
+        outage_policy=config.outage.policy,
+        outage_buffer_size=config.outage.buffer_size,
     )
 
     taskflow = providers.Singleton(

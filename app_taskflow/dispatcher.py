@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from app_taskflow.context import TaskContext
 from app_taskflow.logs import log
@@ -22,13 +22,19 @@ from app_taskflow.models import (
     TaskStatus,
     utcnow,
 )
+from app_taskflow.outage import StoreHealth, TaskBuffer, is_unavailable
 from app_taskflow.runner import Runner, decide_outcome
 from app_taskflow.stores.base import TaskStore
 from app_taskflow.tasks import TaskRegistry
 
 T = TypeVar("T")
 
-_STORE_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
+_FIRST_BACKOFF = 0.05
+_MAX_BACKOFF = 5.0
+_OTHER_FAILURE_RETRIES = 5
+_SHUTDOWN_STORE_WAIT = 5.0
+"""Seconds a stopping instance waits for an unreachable store before it gives up."""
+_BUFFER_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,9 @@ class DispatcherSettings:
         poll_interval: seconds between looks for tasks that no instance owns.
         shutdown_grace: seconds running tasks get to finish at shutdown.
         retry_delay_scale: factor applied to every retry delay (0 makes retries immediate).
+        outage_policy: what ``add_task`` does while the store is unreachable: ``raise``
+            (the request fails with 503) or ``buffer`` (tasks wait in memory).
+        outage_buffer_size: tasks the outage buffer holds; when full, ``raise`` applies.
     """
 
     max_concurrency: int = 100
@@ -53,6 +62,8 @@ class DispatcherSettings:
     poll_interval: float = 1.0
     shutdown_grace: float = 10.0
     retry_delay_scale: float = 1.0
+    outage_policy: Literal["raise", "buffer"] = "raise"
+    outage_buffer_size: int = 10_000
 
 
 def new_instance_id() -> str:
@@ -89,6 +100,10 @@ class Dispatcher:
         self._names: dict[str, str] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._store_wait_ends_at: float | None = None
+        self.health = StoreHealth()
+        self._buffer = TaskBuffer(settings.outage_buffer_size)
+        self._buffer_ready = asyncio.Event()
 
     @property
     def running_count(self) -> int:
@@ -103,6 +118,7 @@ class Dispatcher:
         self._loops = [
             asyncio.create_task(self._heartbeat_loop(), name="app-taskflow-heartbeat"),
             asyncio.create_task(self._poll_loop(), name="app-taskflow-poll"),
+            asyncio.create_task(self._buffer_loop(), name="app-taskflow-buffer"),
         ]
         log.info("Dispatcher started as instance {}", self.instance_id)
 
@@ -152,6 +168,14 @@ class Dispatcher:
                 list(self._active.values()), timeout=self._settings.shutdown_grace
             )
         await self._flush_logs()
+        await self._store_buffered()
+        for record in self._buffer.peek(len(self._buffer)):
+            log.bind(task_id=record.id, task_name=record.name).error(
+                "Task {} [{}] is lost: it was buffered during a store outage that lasted "
+                "past shutdown",
+                record.name,
+                record.id,
+            )
 
         report = await self._store_call(
             "release tasks at shutdown", lambda: self.store.release(self.instance_id, self._clock())
@@ -359,33 +383,87 @@ class Dispatcher:
                 )
 
     async def _store_call(self, action: str, call: Callable[[], Awaitable[T]]) -> T | None:
-        """Run a store call, retrying failures with backoff; log and return None at the end.
+        """Run a store call and return its result, or None once it gave up.
 
-        NOTE: a write that still fails after every retry is lost from this instance's view.
-        A task left RUNNING that way is only taken back once this instance stops.
+        An unreachable store is waited out with backoff for as long as the dispatcher runs,
+        so that the results of tasks that ran during an outage are written once the store
+        is back; once stopping, the wait ends after ``_SHUTDOWN_STORE_WAIT`` seconds. Any
+        other error is retried a few times, then logged at ERROR and given up.
         """
-        for attempt, delay in enumerate((*_STORE_RETRY_DELAYS, None), start=1):
+        loop = asyncio.get_running_loop()
+        delay = _FIRST_BACKOFF
+        other_failures = 0
+        while True:
             try:
-                return await call()
+                result = await call()
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                if delay is None:
-                    log.opt(exception=error).error(
-                        "Could not {} after {} tries; giving up", action, attempt
+                if is_unavailable(error):
+                    self.health.record_failure(action, error)
+                    if self._stopping:
+                        # One deadline for the whole shutdown, not one per call.
+                        if self._store_wait_ends_at is None:
+                            self._store_wait_ends_at = loop.time() + _SHUTDOWN_STORE_WAIT
+                        if loop.time() >= self._store_wait_ends_at:
+                            log.error("Could not {} before shutdown: {}", action, error)
+                            return None
+                else:
+                    other_failures += 1
+                    if other_failures > _OTHER_FAILURE_RETRIES:
+                        log.opt(exception=error).error(
+                            "Could not {} after {} tries; giving up", action, other_failures
+                        )
+                        return None
+                    log.warning(
+                        "Could not {} ({}: {}); try {} of {}, retrying in {:.2f} s",
+                        action,
+                        type(error).__name__,
+                        error,
+                        other_failures,
+                        _OTHER_FAILURE_RETRIES + 1,
+                        delay,
                     )
-                    return None
-                log.warning(
-                    "Could not {} ({}: {}); try {} of {}, retrying in {} s",
-                    action,
-                    type(error).__name__,
-                    error,
-                    attempt,
-                    len(_STORE_RETRY_DELAYS) + 1,
-                    delay,
-                )
                 await asyncio.sleep(delay)
-        return None  # Unreachable: the loop returns on its last round.
+                delay = min(delay * 2, _MAX_BACKOFF)
+                continue
+            self.health.record_success()
+            return result
+
+    def buffer_tasks(self, records: list[TaskRecord]) -> bool:
+        """Keep tasks added while the store is unreachable; return False if the buffer is full.
+
+        They are stored and then run once the store answers again. Only the ``buffer``
+        outage policy uses this.
+        """
+        if self._stopping or not self._buffer.offer(records):
+            return False
+        self.health.buffered_during_outage += len(records)
+        for record in records:
+            log.bind(task_id=record.id, task_name=record.name).debug(
+                "Task {} [{}] buffered until the store answers", record.name, record.id
+            )
+        self._buffer_ready.set()
+        return True
+
+    async def _buffer_loop(self) -> None:
+        while True:
+            await self._buffer_ready.wait()
+            await self._store_buffered()
+            self._buffer_ready.clear()
+
+    async def _store_buffered(self) -> None:
+        while len(self._buffer):
+            batch = self._buffer.peek(_BUFFER_BATCH)
+            ids = await self._store_call(
+                f"store {len(batch)} buffered task(s)", partial(self.store.create, batch)
+            )
+            if ids is None:
+                return
+            self._buffer.drop(len(batch))
+            for record, task_id in zip(batch, ids, strict=True):
+                if task_id == record.id:
+                    self.submit(task_id, record.name)
 
     def _lease_end(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self._settings.lease_expiry)

@@ -13,6 +13,7 @@ Every error derives from ``TaskflowError``::
     ├── NotInstalledError           ``TaskflowTasks`` is used in an app without ``install()``
     ├── MissingExtraError           an optional driver is not installed
     └── StoreError                  the store failed (driver errors are translated to this)
+        ├── StoreUnavailableError   the store cannot be reached; retrying later may work
         └── SchemaVersionError      the store's schema is newer than this code
 """
 
@@ -61,6 +62,14 @@ class MissingExtraError(TaskflowError):
 
 class StoreError(TaskflowError):
     """Raised when the store fails; the driver's own exception is the ``__cause__``."""
+
+
+class StoreUnavailableError(StoreError):
+    """Raised when the store cannot be reached (connection refused, lost or timed out).
+
+    Callers may retry later. Stores raise it for connection failures, so that the
+    dispatcher can tell an outage, which it waits out, from a failure that repeats.
+    """
 
 
 class SchemaVersionError(StoreError):

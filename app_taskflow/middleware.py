@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app_taskflow.errors import NotInstalledError
+from app_taskflow.errors import NotInstalledError, StoreUnavailableError
 from app_taskflow.logs import log
 from app_taskflow.models import TaskRecord
+from app_taskflow.outage import is_unavailable
 
 if TYPE_CHECKING:
     from app_taskflow.taskflow import Taskflow
@@ -36,14 +38,35 @@ class RequestTasks:
         return task_id
 
     async def save(self) -> None:
-        """Write the tasks added so far to the store in one batch."""
+        """Write the tasks added so far to the store in one batch.
+
+        While the store is unreachable, the ``buffer`` outage policy keeps the tasks in
+        the dispatcher's buffer instead, which stores and runs them later.
+
+        Raises:
+            StoreUnavailableError: the store is unreachable and the tasks were not
+                buffered (policy ``raise``, or the buffer is full).
+        """
         if not self._unsaved:
             return
         records = list(self._unsaved)
-        await self.taskflow.store.create(records)
-        # Removed only once stored, so a failed write leaves them to discard() to report.
+        try:
+            await self.taskflow.store.create(records)
+        except Exception as error:
+            if not is_unavailable(error):
+                raise
+            dispatcher = self.taskflow.dispatcher
+            dispatcher.health.record_failure("store new tasks", error)
+            buffering = self.taskflow.settings.outage_policy == "buffer"
+            if not (buffering and dispatcher.buffer_tasks(records)):
+                raise StoreUnavailableError(
+                    f"The task store is unreachable, so the {len(records)} task(s) of this "
+                    f"request were not stored ({error})."
+                ) from error
+        else:
+            self._saved.extend((record.id, record.name) for record in records)
+        # Removed only once stored or buffered, so that discard() reports a failed write.
         del self._unsaved[: len(records)]
-        self._saved.extend((record.id, record.name) for record in records)
 
     def start(self) -> None:
         """Hand the stored tasks to the dispatcher."""
@@ -107,14 +130,25 @@ class TaskflowMiddleware:
         scope[SCOPE_KEY] = tasks
         status: int | None = None
 
+        replaced = False
+
         async def send_after_saving(message: Message) -> None:
-            nonlocal status
+            nonlocal status, replaced
+            if replaced:
+                return  # The app's own response was replaced by a 503.
             if message["type"] == "http.response.start":
                 status = int(message["status"])
             if status is not None and status < 400:
                 # Stored before promised: the client sees no byte of a response that may
                 # carry a task id before that task is in the store, streamed parts included.
-                await tasks.save()
+                try:
+                    await tasks.save()
+                except StoreUnavailableError as error:
+                    if message["type"] != "http.response.start":
+                        raise
+                    replaced, status = True, 503
+                    await _send_unavailable(send, error)
+                    return
             await send(message)
             if _is_last_body(message) and status is not None and status < 400:
                 tasks.start()
@@ -135,6 +169,22 @@ class TaskflowMiddleware:
         # dependency with yield once the response is sent, and that code may add tasks.
         await tasks.save()
         tasks.start()
+
+
+async def _send_unavailable(send: Send, error: StoreUnavailableError) -> None:
+    body = json.dumps({"detail": str(error)}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"5"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _is_last_body(message: dict[str, Any] | Message) -> bool:

@@ -91,7 +91,7 @@ def test_parse_settings_unknown_key() -> None:
 def test_parse_settings_unknown_section() -> None:
     data = memory_config(workers={"size": 5})
 
-    expected = "unknown key 'workers'; allowed keys here: store, runner, leases, retry, api"
+    expected = "unknown key 'workers'; allowed keys here: store, runner, leases, retry, outage, api"
     with pytest.raises(ConfigurationError, match=re.escape(expected)):
         parse_settings(data)
 
