@@ -57,7 +57,7 @@ class NotInstalledError(TaskflowError):
 
 
 class MissingExtraError(TaskflowError):
-    """Raised when a store needs an optional driver that is not installed."""
+    """Raised when a store or feature needs an optional package that is not installed."""
 
 
 class StoreError(TaskflowError):

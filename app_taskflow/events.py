@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from app_taskflow.logs import log
 from app_taskflow.models import TaskChange
@@ -49,7 +49,7 @@ class ChangeFanout:
                     queue.get_nowait()
                 queue.put_nowait(_RESYNC)
 
-    async def watch(self) -> AsyncIterator[TaskChange]:
+    async def watch(self) -> AsyncGenerator[TaskChange, None]:
         """Yield the changes published from now on until the caller stops iterating."""
         queue: asyncio.Queue[TaskChange] = asyncio.Queue(maxsize=self._buffer)
         self._queues.add(queue)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,9 @@ from pydantic_core import PydanticSerializationError
 from app_taskflow.errors import TaskArgumentError, TaskDefinitionError
 
 _ANY_ADAPTER: TypeAdapter[Any] = TypeAdapter(Any)
+
+MAX_ARGUMENT_BYTES = 1_048_576
+"""Size limit of one task's arguments as JSON text: a store row is no place for bulk data."""
 
 
 class ArgumentCodec:
@@ -62,21 +66,58 @@ class ArgumentCodec:
                 cannot be encoded or does not come back equal after decoding.
         """
         try:
-            self._signature.bind(*args, **kwargs)
+            bound = self._signature.bind(*args, **kwargs)
         except TypeError as error:
             raise TaskArgumentError(
                 f"Invalid arguments for task {self._task_name!r}{self._signature}: {error}."
             ) from error
+        positional, named = self._canonical(bound)
 
-        encoded_args = [
-            self._encode_one(self._positional_name(index), value)
-            for index, value in enumerate(args)
-        ]
-        encoded_kwargs = {
-            name: self._encode_one(self._keyword_name(name), value)
-            for name, value in kwargs.items()
-        }
+        size = 0
+        encoded_args: list[Any] = []
+        for index, value in enumerate(positional):
+            encoded, length = self._encode_one(self._positional_name(index), value)
+            encoded_args.append(encoded)
+            size += length
+        encoded_kwargs: dict[str, Any] = {}
+        for name, value in named.items():
+            encoded_kwargs[name], length = self._encode_one(self._keyword_name(name), value)
+            size += length
+
+        if size > MAX_ARGUMENT_BYTES:
+            raise TaskArgumentError(
+                f"The arguments of task {self._task_name!r} take {size:,} bytes as JSON, more "
+                f"than the {MAX_ARGUMENT_BYTES:,} a task may carry. Store large data elsewhere "
+                "(a file, a database row) and pass its id or path."
+            )
         return encoded_args, encoded_kwargs
+
+    def _canonical(self, bound: inspect.BoundArguments) -> tuple[list[Any], dict[str, Any]]:
+        """Return one spelling per call: every argument by name where the signature allows.
+
+        ``send("a")`` and ``send(address="a")`` both become ``kwargs={"address": "a"}``, so
+        records name their arguments and idempotency keys compare calls, not spellings.
+        """
+        parameters = self._signature.parameters
+        extra_positional = (
+            bound.arguments.get(self._var_positional, ()) if self._var_positional else ()
+        )
+        positional: list[Any] = []
+        named: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = parameters[name].kind
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                positional.extend(value)
+            elif kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            elif kind is inspect.Parameter.POSITIONAL_ONLY or (
+                # Parameters before *args must stay positional when *args holds values.
+                kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and extra_positional
+            ):
+                positional.append(value)
+            else:
+                named[name] = value
+        return positional, named
 
     def decode(
         self, args: list[Any], kwargs: dict[str, Any]
@@ -105,17 +146,20 @@ class ArgumentCodec:
     def _adapter(self, parameter: str) -> TypeAdapter[Any]:
         return self._adapters.get(parameter, _ANY_ADAPTER)
 
-    def _encode_one(self, parameter: str, value: Any) -> Any:
+    def _encode_one(self, parameter: str, value: Any) -> tuple[Any, int]:
+        """Return the JSON value of one argument and the length of its JSON text."""
         adapter = self._adapter(parameter)
         try:
             # A value that does not match the hint only makes pydantic warn here. The decode
             # below rejects it with a message that names the argument, so no warning is shown.
-            encoded = adapter.dump_python(value, mode="json", warnings=False)
-            decoded = adapter.validate_python(encoded)
+            text = adapter.dump_json(value, warnings=False)
+            # Decoding the JSON text, not a Python value, is the trip the stores make, so
+            # values JSON cannot hold (infinity, lone surrogates) are caught here.
+            decoded = adapter.validate_json(text)
         except (PydanticSerializationError, ValueError, TypeError) as error:
             raise TaskArgumentError(
                 f"Argument {parameter!r} of task {self._task_name!r} cannot be stored as "
-                f"JSON: {type(value).__name__} value {_short(value)} ({error}). "
+                f"JSON: {type(value).__name__} value {_short(value)} ({_first_line(error)}). "
                 + (
                     "Pass a JSON-compatible value or a pydantic model, and annotate the parameter."
                     if adapter is _ANY_ADAPTER
@@ -137,9 +181,14 @@ class ArgumentCodec:
                 f"store: {type(value).__name__} value {_short(value)} comes back as "
                 f"{type(decoded).__name__} {_short(decoded)}; {hint}."
             )
-        return encoded
+        return json.loads(text), len(text)
 
 
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

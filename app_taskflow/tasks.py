@@ -157,11 +157,16 @@ class TaskRegistry:
             TaskDefinitionError: another function is already registered under its name.
         """
         existing = self._by_name.get(definition.name)
-        if existing is not None and existing.func is not definition.func:
+        if existing is not None and existing.func is definition.func:
+            raise TaskDefinitionError(
+                f"{default_task_name(definition.func)} is already declared as task "
+                f"{definition.name!r}; declare each function once, with all its options."
+            )
+        if existing is not None:
             raise TaskDefinitionError(
                 f"Task name {definition.name!r} is already used by "
-                f"{default_task_name(existing.func)}; give one of them another name "
-                f"with @taskflow.task(name=...)."
+                f"{default_task_name(existing.func)}, so {default_task_name(definition.func)} "
+                "cannot take it; give one of them another name with @taskflow.task(name=...)."
             )
         self._by_name[definition.name] = definition
 

@@ -80,7 +80,7 @@ async def test_add_task_async_route(make_app: MakeApp) -> None:
     assert response.status_code == 200
     assert str(uuid.UUID(task_id)) == task_id
     assert stored is not None
-    assert record.args == [7]
+    assert record.kwargs == {"number": 7}
     assert received == [7]
 
 

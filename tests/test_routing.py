@@ -45,7 +45,7 @@ async def test_routing_tracks_task(make_app: MakeApp) -> None:
     assert plain_calls == ["signup"]
     assert len(listed) == 1
     assert listed[0]["name"] == "send_email"
-    assert record.args == ["ada@example.com"]
+    assert record.kwargs == {"address": "ada@example.com"}
     assert record.attempts == 2
     assert calls == ["ada@example.com", "ada@example.com"]
 
@@ -69,7 +69,7 @@ async def test_routing_single_background_task(make_app: MakeApp) -> None:
     record = await running.wait_for_status(page.items[0].id, TaskStatus.SUCCESS)
 
     assert response.json() == {"status": "queued"}
-    assert record.args == [3]
+    assert record.kwargs == {"shard": 3}
     assert calls == [3]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import inspect
 import json
 import re
 import uuid
@@ -39,12 +40,18 @@ class User(BaseModel):
 
 
 def round_trip(func: Any, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Encode a call of ``func``, pass it through JSON text, and return the decoded call."""
+    """Encode a call of ``func``, pass it through JSON text, and return the decoded call.
+
+    The call comes back bound to the signature (``BoundArguments.args`` and ``.kwargs``),
+    so a test reads values in parameter order whatever spelling the codec stores.
+    """
     codec = ArgumentCodec(func, task_name="tests.task")
     encoded_args, encoded_kwargs = codec.encode(args, kwargs)
     text = json.dumps({"args": encoded_args, "kwargs": encoded_kwargs})
     stored = json.loads(text)
-    return codec.decode(stored["args"], stored["kwargs"])
+    decoded_args, decoded_kwargs = codec.decode(stored["args"], stored["kwargs"])
+    bound = inspect.signature(func).bind(*decoded_args, **decoded_kwargs)
+    return bound.args, bound.kwargs
 
 
 def take_datetime(when: datetime) -> None: ...
@@ -63,6 +70,9 @@ def take_user(user: User) -> None: ...
 
 
 def take_enums(color: Color, priority: Priority) -> None: ...
+
+
+def take_anything(value: Any) -> None: ...
 
 
 def take_nested(batches: list[dict[str, list[datetime]]]) -> None: ...
@@ -93,10 +103,10 @@ def test_codec_datetime_round_trip() -> None:
 def test_codec_naive_datetime_round_trip() -> None:
     naive = datetime(2030, 1, 2, 3, 4, 5)
 
-    _, kwargs = round_trip(take_datetime, when=naive)
+    args, _ = round_trip(take_datetime, when=naive)
 
-    assert kwargs == {"when": naive}
-    assert kwargs["when"].tzinfo is None
+    assert args == (naive,)
+    assert args[0].tzinfo is None
 
 
 def test_codec_uuid_round_trip() -> None:
@@ -125,17 +135,17 @@ def test_codec_tuple_round_trip() -> None:
 def test_codec_pydantic_model_round_trip() -> None:
     user = User(name="Ada", joined=WHEN, addresses=[Address(street="1 Main St", city="Paris")])
 
-    _, kwargs = round_trip(take_user, user=user)
+    args, _ = round_trip(take_user, user=user)
 
-    assert kwargs == {"user": user}
-    assert type(kwargs["user"].addresses[0]) is Address
+    assert args == (user,)
+    assert type(args[0].addresses[0]) is Address
 
 
 def test_codec_enum_round_trip() -> None:
-    args, kwargs = round_trip(take_enums, Color.GREEN, priority=Priority.HIGH)
+    args, _ = round_trip(take_enums, Color.GREEN, priority=Priority.HIGH)
 
     assert args[0] is Color.GREEN
-    assert kwargs["priority"] is Priority.HIGH
+    assert args[1] is Priority.HIGH
 
 
 def test_codec_nested_round_trip() -> None:
@@ -249,3 +259,33 @@ def test_codec_decode_aware_utc() -> None:
     args, _ = codec.decode(["2030-01-02T03:04:05Z"], {})
 
     assert args == (datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC),)
+
+
+def test_codec_keyword_spelling_is_canonical() -> None:
+    codec = ArgumentCodec(take_enums, task_name="tests.take_enums")
+
+    positional = codec.encode((Color.GREEN, Priority.HIGH), {})
+    by_keyword = codec.encode((), {"color": Color.GREEN, "priority": Priority.HIGH})
+
+    assert positional == by_keyword
+
+
+def test_codec_rejects_lone_surrogate() -> None:
+    codec = ArgumentCodec(take_anything, task_name="tests.take_anything")
+
+    with pytest.raises(TaskArgumentError, match=r"'value' of task 'tests\.take_anything'"):
+        codec.encode(("bad \udcff name",), {})
+
+
+def test_codec_rejects_infinity() -> None:
+    codec = ArgumentCodec(take_anything, task_name="tests.take_anything")
+
+    with pytest.raises(TaskArgumentError, match="would not survive the store"):
+        codec.encode((float("inf"),), {})
+
+
+def test_codec_rejects_oversized_arguments() -> None:
+    codec = ArgumentCodec(take_anything, task_name="tests.take_anything")
+
+    with pytest.raises(TaskArgumentError, match="more than the 1,048,576"):
+        codec.encode(("x" * 1_100_000,), {})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import math
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 
 from app_taskflow.models import (
@@ -221,7 +221,7 @@ class TaskStore(ABC):
         """
 
     @abstractmethod
-    def watch(self) -> AsyncIterator[TaskChange]:
+    def watch(self) -> AsyncGenerator[TaskChange, None]:
         """Yield every change to tasks made by any instance from now on, in order per task.
 
         Every write method above that changes a task (``create``, ``claim``,

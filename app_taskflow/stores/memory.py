@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import json
 from collections import defaultdict
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, Collection, Sequence
 from datetime import datetime, timedelta
 
 from app_taskflow.errors import TaskNotFoundError, TaskStateError
@@ -238,7 +238,7 @@ class MemoryStore(TaskStore):
                 del self._key_holders[key]
         return len(doomed)
 
-    def watch(self) -> AsyncIterator[TaskChange]:
+    def watch(self) -> AsyncGenerator[TaskChange, None]:
         return self._changes.watch()
 
     def _publish(self, record: TaskRecord) -> None:
@@ -285,8 +285,8 @@ def _mentions(record: TaskRecord, folded_text: str) -> bool:
     haystacks = [
         record.id,
         record.name,
-        json.dumps(record.args),
-        json.dumps(record.kwargs),
+        json.dumps(record.args, ensure_ascii=False),
+        json.dumps(record.kwargs, ensure_ascii=False),
         record.error_type or "",
         record.error_message or "",
         *(entry.message for entry in record.logs),

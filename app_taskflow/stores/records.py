@@ -18,11 +18,12 @@ from app_taskflow.models import (
 def check_same_task(existing: TaskRecord, new: TaskRecord) -> None:
     """Raise ``IdempotencyConflictError`` unless both records describe the same call."""
     if (existing.name, existing.args, existing.kwargs) != (new.name, new.args, new.kwargs):
+        # The message leaves the argument values out: they may be personal data, and
+        # this error is often logged.
         raise IdempotencyConflictError(
             f"Idempotency key {new.idempotency_key!r} is already used by task {existing.id} "
-            f"({existing.name} with args={existing.args!r}, kwargs={existing.kwargs!r}); "
-            f"it cannot be reused for {new.name} with args={new.args!r}, "
-            f"kwargs={new.kwargs!r}. Use a new key for a different call."
+            f"({existing.name}) with other arguments; it cannot be reused for a different "
+            f"call of {new.name}. Use a new key for a different call."
         )
 
 
@@ -95,6 +96,8 @@ def take_back(record: TaskRecord, now: datetime, report: RecoveryReport) -> None
     if record.requeue_on_interrupt:
         record.status = TaskStatus.PENDING
         record.scheduled_at = None
+        # The requeued run is one more attempt, so the budget grows to show "n of n".
+        record.max_attempts = max(record.max_attempts, record.attempts + 1)
         # NOTE: requeueing is not bounded by max_attempts, so a task that kills its
         # instance every time keeps coming back; the attempt count shows the loop.
         report.requeued.append(record.id)
