@@ -1,151 +1,46 @@
-"""The TaskStore contract, run unchanged against every store kind in conftest.py."""
+"""The TaskStore contract, run unchanged against every store kind in conftest.py.
+
+Each concept with many cases has its own test_contract_*.py file, such as list() and watch().
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from contract_support import (
+    FINISHED_STATUSES,
+    HOLDING_STATUSES,
+    INSTANCE_A,
+    INSTANCE_B,
+    NOT_RETRYABLE_STATUSES,
+    RELEASING_STATUSES,
+    RETRYABLE_STATUSES,
+    TASK_NAMES,
+    TRACEBACK,
+    Clock,
+    RecordFactory,
+    create_in_status,
+    create_running,
+    create_task,
+    create_waiting_with_cancel,
+    failure,
+    log_entry,
+    make_outcome,
+    status_id,
+)
 
 from app_taskflow.errors import IdempotencyConflictError, TaskNotFoundError, TaskStateError
 from app_taskflow.models import (
-    AttemptOutcome,
     AttemptRecord,
     DurationStats,
-    LogEntry,
     RecoveryReport,
-    TaskQuery,
-    TaskRecord,
     TaskStatus,
     new_task_id,
 )
 from app_taskflow.stores.base import TaskStore
-
-RecordFactory = Callable[..., TaskRecord]
-Clock = Callable[[float], datetime]
-
-INSTANCE_A = "instance-a"
-INSTANCE_B = "instance-b"
-TASK_NAMES = ("send_email", "resize_image", "send_sms")
-TRACEBACK = "Traceback (most recent call last):\nValueError: invalid address\n"
-STOPPED_INSTANCE = "instance-stopped"
-"""The instance that ``create_in_status`` claims and releases to make INTERRUPTED tasks."""
-
-# Written out rather than taken from the sets in models.py, so that the suite checks the
-# statuses that the TaskStore docstrings name.
-HOLDING_STATUSES = [TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.SUCCESS]
-RELEASING_STATUSES = [TaskStatus.FAILED, TaskStatus.INTERRUPTED, TaskStatus.CANCELLED]
-FINISHED_STATUSES = [
-    TaskStatus.SUCCESS,
-    TaskStatus.FAILED,
-    TaskStatus.INTERRUPTED,
-    TaskStatus.CANCELLED,
-]
-RETRYABLE_STATUSES = [TaskStatus.FAILED, TaskStatus.INTERRUPTED]
-NOT_RETRYABLE_STATUSES = [
-    TaskStatus.PENDING,
-    TaskStatus.RUNNING,
-    TaskStatus.SUCCESS,
-    TaskStatus.CANCELLED,
-]
-
-
-def status_id(status: TaskStatus) -> str:
-    return status.value
-
-
-def make_outcome(
-    status: TaskStatus, finished_at: datetime, duration: float = 1.0, **fields: Any
-) -> AttemptOutcome:
-    return AttemptOutcome(status=status, finished_at=finished_at, duration=duration, **fields)
-
-
-def failure(
-    finished_at: datetime, duration: float = 1.0, retry_at: datetime | None = None
-) -> AttemptOutcome:
-    """Return the outcome of an attempt that raised ValueError.
-
-    The task is FAILED, or PENDING with another attempt due at ``retry_at`` when given.
-    """
-    return make_outcome(
-        TaskStatus.FAILED if retry_at is None else TaskStatus.PENDING,
-        finished_at,
-        duration,
-        scheduled_at=retry_at,
-        error_type="ValueError",
-        error_message="invalid address",
-        traceback=TRACEBACK,
-    )
-
-
-async def create_task(store: TaskStore, record: TaskRecord) -> str:
-    [task_id] = await store.create([record])
-    return task_id
-
-
-async def create_running(
-    store: TaskStore, record: TaskRecord, instance_id: str, now: datetime
-) -> str:
-    task_id = await create_task(store, record)
-    claimed = await store.claim(task_id, instance_id, now)
-    assert claimed is not None
-    return task_id
-
-
-async def create_in_status(
-    store: TaskStore,
-    record: TaskRecord,
-    status: TaskStatus,
-    clock: Clock,
-    duration: float = 1.0,
-) -> str:
-    """Create ``record`` and bring it to ``status`` through the store's own methods.
-
-    RUNNING, SUCCESS and FAILED tasks are claimed by ``INSTANCE_A`` at ``clock(1)`` and
-    finished at ``clock(1 + duration)``. INTERRUPTED tasks are claimed by
-    ``STOPPED_INSTANCE``, which is then released, so tasks that ``INSTANCE_A`` runs stay
-    RUNNING.
-    """
-    task_id = await create_task(store, record)
-    if status == TaskStatus.PENDING:
-        return task_id
-    if status == TaskStatus.CANCELLED:
-        await store.cancel(task_id, clock(1))
-        return task_id
-    if status == TaskStatus.INTERRUPTED:
-        assert await store.claim(task_id, STOPPED_INSTANCE, clock(1)) is not None
-        await store.release(STOPPED_INSTANCE, clock(2))
-        return task_id
-
-    assert await store.claim(task_id, INSTANCE_A, clock(1)) is not None
-    if status == TaskStatus.RUNNING:
-        return task_id
-    if status == TaskStatus.FAILED:
-        outcome = failure(clock(1 + duration), duration)
-    else:
-        outcome = make_outcome(status, clock(1 + duration), duration)
-    assert await store.finish(task_id, INSTANCE_A, 1, outcome)
-    return task_id
-
-
-async def create_waiting_with_cancel(store: TaskStore, record: TaskRecord, clock: Clock) -> str:
-    """Create a PENDING task owned by ``INSTANCE_A`` whose cancel was requested.
-
-    The cancel arrives while attempt 1 runs, and that attempt then fails with a retry due
-    at ``clock(3)``, which leaves the task PENDING with ``cancel_requested`` still set.
-    """
-    task_id = await create_running(store, record, INSTANCE_A, clock(1))
-    await store.cancel(task_id, clock(2))
-    retry_outcome = failure(clock(2), retry_at=clock(3))
-    assert await store.finish(task_id, INSTANCE_A, 1, retry_outcome)
-    return task_id
-
-
-def log_entry(clock: Clock, seconds: float, message: str) -> LogEntry:
-    return LogEntry(timestamp=clock(seconds), message=message, attempt=1, extra={"step": message})
-
 
 # create and get
 
@@ -532,6 +427,43 @@ async def test_claim_next_concurrent_no_duplicates(
 
     claimed_ids = [record.id for batch in batches for record in batch]
     assert len(claimed_ids) == len(set(claimed_ids))
+
+
+async def test_claim_next_skips_other_names(
+    store: TaskStore, make_record: RecordFactory, clock: Clock
+) -> None:
+    # The unknown task is the oldest, so a store that counted it against the limit of 1
+    # would claim nothing.
+    unknown = make_record(name="resize_image")
+    known = make_record(name="send_email")
+    await store.create([unknown, known])
+
+    claimed = await store.claim_next(INSTANCE_A, clock(5), limit=1, names=["send_email"])
+
+    assert [record.id for record in claimed] == [known.id]
+    assert await store.get(unknown.id) == unknown
+
+
+async def test_claim_next_other_name_left_for_others(
+    store: TaskStore, make_record: RecordFactory, clock: Clock
+) -> None:
+    task_id = await create_task(store, make_record(name="resize_image"))
+    assert await store.claim_next(INSTANCE_A, clock(5), limit=10, names=["send_email"]) == []
+
+    claimed = await store.claim_next(INSTANCE_B, clock(6), limit=10, names=["resize_image"])
+
+    assert [record.id for record in claimed] == [task_id]
+    assert claimed[0].owner == INSTANCE_B
+
+
+async def test_claim_next_no_names_claims_nothing(
+    store: TaskStore, make_record: RecordFactory, clock: Clock
+) -> None:
+    record = make_record()
+    await store.create([record])
+
+    assert await store.claim_next(INSTANCE_A, clock(5), limit=10, names=[]) == []
+    assert await store.get(record.id) == record
 
 
 # finish
@@ -1237,139 +1169,6 @@ async def test_retry_rejects_key_held_elsewhere(
     stored = await store.get(failed_id)
     assert stored is not None
     assert stored.status == TaskStatus.FAILED
-
-
-# list
-
-
-def page_ids(items: list[Any]) -> list[str]:
-    return [item.id for item in items]
-
-
-async def test_list_newest_first(store: TaskStore, make_record: RecordFactory) -> None:
-    records = [make_record() for _ in range(3)]
-    await store.create(records)
-
-    page = await store.list(TaskQuery())
-
-    assert page_ids(page.items) == [record.id for record in reversed(records)]
-
-
-async def test_list_filters_statuses(
-    store: TaskStore, make_record: RecordFactory, clock: Clock
-) -> None:
-    pending_id = await create_task(store, make_record())
-    await create_in_status(store, make_record(), TaskStatus.RUNNING, clock)
-    success_id = await create_in_status(store, make_record(), TaskStatus.SUCCESS, clock)
-    await create_in_status(store, make_record(), TaskStatus.FAILED, clock)
-
-    page = await store.list(TaskQuery(statuses=[TaskStatus.PENDING, TaskStatus.SUCCESS]))
-
-    assert page_ids(page.items) == [success_id, pending_id]
-
-
-async def test_list_filters_name(store: TaskStore, make_record: RecordFactory) -> None:
-    email_id = await create_task(store, make_record(name="send_email"))
-    await create_task(store, make_record(name="resize_image"))
-
-    page = await store.list(TaskQuery(name="send_email"))
-
-    assert page_ids(page.items) == [email_id]
-
-
-async def test_list_combines_filters(
-    store: TaskStore, make_record: RecordFactory, clock: Clock
-) -> None:
-    await create_task(store, make_record(name="send_email"))
-    await create_in_status(store, make_record(name="resize_image"), TaskStatus.FAILED, clock)
-    failed_email_id = await create_in_status(
-        store, make_record(name="send_email"), TaskStatus.FAILED, clock
-    )
-
-    page = await store.list(TaskQuery(statuses=[TaskStatus.FAILED], name="send_email"))
-
-    assert page_ids(page.items) == [failed_email_id]
-
-
-async def test_list_first_page_has_more(store: TaskStore, make_record: RecordFactory) -> None:
-    records = [make_record() for _ in range(5)]
-    await store.create(records)
-
-    page = await store.list(TaskQuery(limit=2))
-
-    assert page_ids(page.items) == [records[4].id, records[3].id]
-    assert page.has_more
-    assert page.limit == 2
-    assert page.offset == 0
-
-
-async def test_list_offset_skips_newer(store: TaskStore, make_record: RecordFactory) -> None:
-    records = [make_record() for _ in range(5)]
-    await store.create(records)
-
-    page = await store.list(TaskQuery(limit=2, offset=2))
-
-    assert page_ids(page.items) == [records[2].id, records[1].id]
-    assert page.has_more
-    assert page.offset == 2
-
-
-async def test_list_last_page_has_no_more(store: TaskStore, make_record: RecordFactory) -> None:
-    records = [make_record() for _ in range(4)]
-    await store.create(records)
-
-    page = await store.list(TaskQuery(limit=2, offset=2))
-
-    assert page_ids(page.items) == [records[1].id, records[0].id]
-    assert not page.has_more
-
-
-async def test_list_empty_store(store: TaskStore) -> None:
-    page = await store.list(TaskQuery())
-
-    assert page.items == []
-    assert not page.has_more
-
-
-async def test_list_pages_never_overlap(
-    store: TaskStore, make_record: RecordFactory, clock: Clock
-) -> None:
-    records = [make_record(created_at=clock(-60)) for _ in range(7)]
-    await store.create(records)
-
-    listed_ids: list[str] = []
-    for offset in range(0, 9, 3):
-        page = await store.list(TaskQuery(limit=3, offset=offset))
-        listed_ids.extend(page_ids(page.items))
-
-    assert listed_ids == sorted((record.id for record in records), reverse=True)
-
-
-async def test_list_items_have_no_logs(
-    store: TaskStore, make_record: RecordFactory, clock: Clock
-) -> None:
-    task_id = await create_running(store, make_record(), INSTANCE_A, clock(1))
-    await store.append_logs(task_id, [log_entry(clock, 1.5, "connecting")])
-    await store.finish(task_id, INSTANCE_A, 1, failure(clock(2)))
-
-    page = await store.list(TaskQuery())
-
-    fields = page.items[0].model_dump()
-    assert "logs" not in fields
-    assert "attempt_history" not in fields
-    assert "traceback" not in fields
-
-
-async def test_list_items_carry_summary_fields(
-    store: TaskStore, make_record: RecordFactory, clock: Clock
-) -> None:
-    task_id = await create_in_status(store, make_record(), TaskStatus.FAILED, clock)
-    stored = await store.get(task_id)
-    assert stored is not None
-
-    page = await store.list(TaskQuery())
-
-    assert page.items[0].model_dump() == stored.summary().model_dump()
 
 
 # metrics
