@@ -230,7 +230,11 @@ class TaskStore(ABC):
         yields one change per entry. Changes made by other instances on a shared store
         arrive within about a second. Delivery is at most once: a watcher that falls
         behind receives a change with ``resync`` set in place of the ones it missed.
-        Closing the iterator (``aclose()``, or leaving ``async for``) frees its resources.
+        The subscription starts with the first ``__anext__``, and on a shared store it may
+        take a moment to be live, so a consumer that mirrors tasks reads the store after
+        its first change or resync rather than before subscribing. ``aclose()`` frees the
+        watcher's resources; leaving ``async for`` by ``break`` frees them only when the
+        generator is garbage-collected.
         """
 
 
