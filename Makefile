@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: demo test
+.PHONY: demo test chromium bench bench-quick
 
 demo: $(VENV)/.installed-dev
 	$(BIN)/python examples/demo.py --port $(PORT)
@@ -17,6 +17,15 @@ test: $(VENV)/.installed-all
 	$(BIN)/python -m ruff format --check .
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
+
+# Benchmarks against plain BackgroundTasks (docs/benchmarks.md). They use Redis and
+# PostgreSQL on 127.0.0.1 when those answer. `make bench` takes about 15 minutes on two
+# cores; `make bench-quick` only checks that every benchmark still runs.
+bench: $(VENV)/.installed-all
+	$(BIN)/python -m benchmarks
+
+bench-quick: $(VENV)/.installed-all
+	$(BIN)/python -m benchmarks --quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +38,12 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-all: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[dev,redis,postgres]'
 	touch $@
+
+# The browser tests drive Debian's Chromium at /usr/bin/chromium: Playwright (in the dev
+# extra) downloads no browser of its own here. Without it those tests skip, except in CI.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then \
+		echo "Chromium is installed at /usr/bin/chromium."; \
+	else \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	fi

@@ -65,6 +65,42 @@ StoreSettings = Annotated[
 ]
 
 
+class NoAuthSettings(_Section):
+    """No authentication: anyone who reaches the app may read and change its tasks."""
+
+    kind: Literal["none"]
+
+
+class BasicAuthSettings(_Section):
+    """HTTP Basic authentication with one username and password."""
+
+    model_config = ConfigDict(coerce_numbers_to_str=True)
+
+    kind: Literal["basic"]
+    username: str = Field(min_length=1)
+    password: str = Field(min_length=1, repr=False)
+
+
+class BearerAuthSettings(_Section):
+    """A bearer token that API clients send as ``Authorization: Bearer <token>``."""
+
+    model_config = ConfigDict(coerce_numbers_to_str=True)
+
+    kind: Literal["bearer"]
+    token: str = Field(min_length=1, repr=False)
+
+
+AUTH_KINDS = ("none", "basic", "bearer")
+
+AuthSettings = Annotated[
+    Union[NoAuthSettings, BasicAuthSettings, BearerAuthSettings],  # noqa: UP007
+    Field(discriminator="kind"),
+]
+
+SECRET_KEYS = frozenset({"password", "token"})
+"""Keys whose values are never parsed as YAML after expansion nor shown in error messages."""
+
+
 class RunnerSettings(_Section):
     """How many tasks run at once and how long they get at shutdown."""
 
@@ -123,6 +159,69 @@ class ApiSettings(_Section):
     prefix: str = Field(default="/tasks", pattern=r"^/[A-Za-z0-9_\-/]*[A-Za-z0-9_\-]$")
 
 
+LogLevelName = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
+
+CompressionFormat = Literal["gz", "bz2", "xz", "lzma", "tar", "tar.gz", "tar.bz2", "tar.xz", "zip"]
+"""Formats loguru (0.7) can compress rotated log files to."""
+
+
+class LogFileSettings(_Section):
+    """The plain-text task log file, written through loguru's file sink."""
+
+    path: str = Field(
+        min_length=1, description="Path of the file; {pid} in it becomes the process id."
+    )
+    rotation: str | int | None = Field(
+        default=None,
+        description=(
+            "When loguru starts a new file: a size ('50 MB'), an interval ('1 day'), a time "
+            "('00:00'), or null to leave rotation to an external tool such as logrotate."
+        ),
+    )
+    retention: str | int | None = Field(
+        default=None,
+        description="Rotated files loguru keeps: an age ('14 days'), a count (10), or null.",
+    )
+    compression: CompressionFormat | None = Field(
+        default=None, description="Format loguru compresses rotated files to, or null."
+    )
+    level: LogLevelName = Field(default="INFO", description="Lowest level written to the file.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upper_level(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("level"), str):
+            return {**data, "level": data["level"].upper()}
+        return data
+
+
+class LoggingSettings(_Section):
+    """Caps on task logs, the task log file and forwarding to the ``logging`` module."""
+
+    max_entries_per_task: int = Field(
+        default=1000, ge=1, description="task_log() entries kept per task; later ones dropped."
+    )
+    max_entry_chars: int = Field(
+        default=4000, ge=1, description="Characters kept of a task_log() message or value."
+    )
+    stdlib: bool = Field(
+        default=False,
+        description="Forward the library's log lines to the logging logger 'app_taskflow'.",
+    )
+    file: LogFileSettings | None = Field(
+        default=None, description="The task log file, or null for none."
+    )
+
+
+class MetricsSettings(_Section):
+    """Which metrics endpoints are served besides the JSON ``/tasks/metrics``."""
+
+    prometheus: bool = Field(
+        default=False,
+        description="Serve /tasks/metrics/prometheus; needs the [prometheus] extra.",
+    )
+
+
 class TaskflowSettings(_Section):
     """The whole configuration of one environment."""
 
@@ -132,6 +231,9 @@ class TaskflowSettings(_Section):
     retry: RetrySettings = RetrySettings()
     outage: OutageSettings = OutageSettings()
     api: ApiSettings = ApiSettings()
+    auth: AuthSettings = NoAuthSettings(kind="none")
+    logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
 
 _STORE_SETTINGS: dict[str, type[BaseModel]] = {
@@ -140,6 +242,14 @@ _STORE_SETTINGS: dict[str, type[BaseModel]] = {
     "postgres": PostgresStoreSettings,
     "redis": RedisStoreSettings,
 }
+
+_UNION_MEMBERS: dict[str, type[BaseModel]] = {
+    **_STORE_SETTINGS,
+    "none": NoAuthSettings,
+    "basic": BasicAuthSettings,
+    "bearer": BearerAuthSettings,
+}
+_UNION_KINDS = {"store": STORE_KINDS, "auth": AUTH_KINDS}
 
 
 def load_settings(path: Path) -> TaskflowSettings:
@@ -181,9 +291,12 @@ def parse_settings(data: dict[str, Any], source: str = "configuration") -> Taskf
         raise ConfigurationError(f"Invalid configuration in {source}:\n{problems}") from None
 
 
-def _expand_environment(value: Any, path: Path) -> Any:
+def _expand_environment(value: Any, path: Path, secret: bool = False) -> Any:
     if isinstance(value, dict):
-        return {key: _expand_environment(item, path) for key, item in value.items()}
+        return {
+            key: _expand_environment(item, path, secret=key in SECRET_KEYS)
+            for key, item in value.items()
+        }
     if isinstance(value, list):
         return [_expand_environment(item, path) for item in value]
     if not isinstance(value, str):
@@ -203,6 +316,9 @@ def _expand_environment(value: Any, path: Path) -> Any:
         )
 
     expanded = _ENV_REFERENCE.sub(replace, value)
+    if secret:
+        # A password such as 0777 must stay text: YAML would read it as the number 511.
+        return expanded
     if expanded != value:
         # A whole value taken from the environment is parsed as YAML, so numbers stay numbers.
         try:
@@ -220,21 +336,26 @@ def _describe(item: Any) -> str:
         return f"unknown key {key!r}; allowed keys here: {', '.join(allowed)}"
     if item["type"] == "union_tag_invalid":
         tags = item["ctx"]["expected_tags"]
-        return f"{key}.kind: unknown store kind {item['ctx']['tag']!r}; allowed kinds: {tags}"
+        return (
+            f"{key}.kind: unknown {location[0]} kind {item['ctx']['tag']!r}; allowed kinds: {tags}"
+        )
     if item["type"] == "union_tag_not_found":
-        return f"{key}.kind is missing; allowed kinds: {', '.join(map(repr, STORE_KINDS))}"
+        kinds = _UNION_KINDS.get(str(location[0]), ())
+        return f"{key}.kind is missing; allowed kinds: {', '.join(map(repr, kinds))}"
     if item["type"] == "missing":
         return f"{key} is missing"
     if item["type"] == "value_error":
         # Raised by a model validator: its own sentence already names the keys.
         return f"{key}: {item['ctx']['error']}"
+    if location and location[-1] in SECRET_KEYS:
+        return f"{key}: invalid value (hidden): {item['msg']}"
     value = item.get("input")
     return f"{key}: invalid value {value!r}: {item['msg']}"
 
 
 def _is_tag(location: tuple[Any, ...], part: Any) -> bool:
     # Pydantic puts the discriminator's value in the location of errors inside a union.
-    return len(location) > 1 and location[0] == "store" and part in STORE_KINDS
+    return len(location) > 1 and part in _UNION_KINDS.get(str(location[0]), ())
 
 
 def _allowed_keys(location: tuple[Any, ...]) -> list[str]:
@@ -242,8 +363,8 @@ def _allowed_keys(location: tuple[Any, ...]) -> list[str]:
     for part in location:
         if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
             model = model.model_fields[part].annotation
-        elif part in STORE_KINDS:
-            model = _STORE_SETTINGS[part]
+        elif part in _UNION_MEMBERS:
+            model = _UNION_MEMBERS[part]
         else:
             return []
         model = _unwrap(model)
@@ -257,5 +378,8 @@ def _unwrap(annotation: Any) -> Any:
     if origin is Annotated:
         return _unwrap(typing.get_args(annotation)[0])
     if origin in (Union, types.UnionType):
+        members = [member for member in typing.get_args(annotation) if member is not type(None)]
+        if len(members) == 1:
+            return _unwrap(members[0])  # An optional section, such as logging.file.
         return annotation  # Resolved by the discriminator tag that follows in the location.
     return annotation

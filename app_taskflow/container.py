@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from dependency_injector import containers, providers
 
+from app_taskflow.auth import BasicAuth, BearerAuth, no_auth
 from app_taskflow.config import TaskflowSettings, load_settings
+from app_taskflow.context import LogLimits
 from app_taskflow.dispatcher import DispatcherSettings
 from app_taskflow.errors import ConfigurationError
+from app_taskflow.logfile import TaskLogFileOptions
 from app_taskflow.stores.base import TaskStore
 from app_taskflow.stores.memory import MemoryStore
 from app_taskflow.stores.sql import SqlStore
@@ -32,6 +36,11 @@ def postgres_url(url: str) -> str:
     """Return a PostgreSQL URL that names the psycopg driver SQLAlchemy should use."""
     scheme, separator, rest = url.partition("://")
     return f"postgresql+psycopg{separator}{rest}" if scheme in ("postgres", "postgresql") else url
+
+
+def log_file_options(section: dict[str, Any] | None) -> TaskLogFileOptions | None:
+    """Return the task log file options of a ``logging.file`` section, or None without one."""
+    return None if section is None else TaskLogFileOptions(**section)
 
 
 def build_redis_store(url: str, prefix: str) -> TaskStore:
@@ -93,12 +102,36 @@ class TaskflowContainer(containers.DeclarativeContainer):
         outage_buffer_size=config.outage.buffer_size,
     )
 
+    auth = providers.Selector(
+        config.auth.kind,
+        none=providers.Object(no_auth),
+        basic=providers.Singleton(
+            BasicAuth, username=config.auth.username, password=config.auth.password
+        ),
+        bearer=providers.Singleton(BearerAuth, token=config.auth.token),
+    )
+    """The FastAPI dependency that authenticates requests to the REST API and dashboard."""
+
+    log_limits = providers.Singleton(
+        LogLimits,
+        max_entries_per_task=config.logging.max_entries_per_task,
+        max_entry_chars=config.logging.max_entry_chars,
+    )
+
+    log_file = providers.Callable(log_file_options, config.logging.file)
+    """Options of the task log file, or None when ``logging.file`` is not set."""
+
     taskflow = providers.Singleton(
         Taskflow,
         store_factory=store.provider,
+        auth_factory=auth.provider,
         default_policy=retry_policy,
         settings=dispatcher_settings,
         api_prefix=config.api.prefix,
+        log_limits=log_limits,
+        log_file=log_file,
+        stdlib_logging=config.logging.stdlib,
+        prometheus=config.metrics.prometheus,
     )
 
     @classmethod

@@ -6,7 +6,22 @@ import threading
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from app_taskflow.models import LogEntry
+from app_taskflow.models import LogEntry, utcnow
+
+
+@dataclass(frozen=True)
+class LogLimits:
+    """Caps on the log of one task, set by the ``logging`` configuration section.
+
+    Attributes:
+        max_entries_per_task: entries kept per task, over all its attempts; later entries
+            are dropped and counted.
+        max_entry_chars: characters kept of a message or of an extra value; longer ones
+            are truncated with a marker.
+    """
+
+    max_entries_per_task: int = 1000
+    max_entry_chars: int = 4000
 
 
 @dataclass
@@ -29,6 +44,9 @@ class TaskContext:
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _unsaved: list[LogEntry] = field(default_factory=list, repr=False)
+    log_limits: LogLimits = field(default_factory=LogLimits, repr=False)
+    _kept_logs: int = field(default=0, repr=False)
+    _dropped_logs: int = field(default=0, repr=False)
 
     @property
     def cancel_requested(self) -> bool:
@@ -39,10 +57,50 @@ class TaskContext:
         """Mark the attempt as asked to stop."""
         self._cancel.set()
 
-    def add_log(self, entry: LogEntry) -> None:
-        """Keep a log entry until the next ``take_logs()``. Safe from any thread."""
+    def limit_logs(self, limits: LogLimits, stored: int = 0) -> None:
+        """Apply ``limits`` to this attempt, counting ``stored`` entries of earlier attempts."""
         with self._lock:
+            self.log_limits = limits
+            self._kept_logs = stored
+
+    def add_log(self, entry: LogEntry) -> bool:
+        """Keep a log entry until the next ``take_logs()``; safe from any thread.
+
+        Returns:
+            False when the task already has ``log_limits.max_entries_per_task`` entries:
+            the entry is dropped and counted for ``close_logs()``.
+        """
+        with self._lock:
+            if self._kept_logs >= self.log_limits.max_entries_per_task:
+                self._dropped_logs += 1
+                return False
+            self._kept_logs += 1
             self._unsaved.append(entry)
+        return True
+
+    def close_logs(self) -> LogEntry | None:
+        """Add and return the entry that counts the entries dropped in this attempt, if any.
+
+        The runner calls it when the attempt ends. The marker itself is kept beyond the cap,
+        so a task may hold one marker more than the limit for each attempt that dropped any.
+        """
+        with self._lock:
+            dropped, self._dropped_logs = self._dropped_logs, 0
+            if dropped == 0:
+                return None
+            noun = "entry" if dropped == 1 else "entries"
+            entry = LogEntry(
+                timestamp=utcnow(),
+                level="WARNING",
+                message=(
+                    f"{dropped} log {noun} dropped: the limit is "
+                    f"{self.log_limits.max_entries_per_task} per task"
+                ),
+                attempt=self.attempt,
+                extra={"dropped": dropped},
+            )
+            self._unsaved.append(entry)
+        return entry
 
     def take_logs(self) -> list[LogEntry]:
         """Return and forget the entries added since the last call."""

@@ -14,7 +14,8 @@ from functools import partial
 from typing import Literal, TypeVar
 
 from app_taskflow.context import TaskContext
-from app_taskflow.logs import log
+from app_taskflow.errors import StoreError
+from app_taskflow.logs import bind_task, log
 from app_taskflow.models import (
     AttemptOutcome,
     RecoveryReport,
@@ -23,9 +24,10 @@ from app_taskflow.models import (
     utcnow,
 )
 from app_taskflow.outage import StoreHealth, TaskBuffer, is_unavailable
-from app_taskflow.runner import Runner, decide_outcome
+from app_taskflow.runner import MAX_ERROR_MESSAGE_CHARS, Runner, decide_outcome, safe_text
 from app_taskflow.stores.base import TaskStore
 from app_taskflow.tasks import TaskRegistry
+from app_taskflow.timeline import TaskTimeline
 
 T = TypeVar("T")
 
@@ -66,6 +68,25 @@ class DispatcherSettings:
     outage_buffer_size: int = 10_000
 
 
+_STORE_FAILURE_TYPE = "app_taskflow.errors.StoreError"
+
+
+def _internal_failure(
+    error: BaseException, finished_at: datetime, duration: float = 0.0
+) -> AttemptOutcome:
+    """Return a FAILED outcome for an error of the library or the store, not of the task."""
+    error_type = type(error)
+    return AttemptOutcome(
+        status=TaskStatus.FAILED,
+        finished_at=finished_at,
+        duration=duration,
+        error_type=_STORE_FAILURE_TYPE
+        if isinstance(error, StoreError)
+        else f"{error_type.__module__}.{error_type.__qualname__}",
+        error_message=safe_text(str(error), MAX_ERROR_MESSAGE_CHARS),
+    )
+
+
 def new_instance_id() -> str:
     """Return an id for this app instance: host, process id and a random suffix."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -102,6 +123,7 @@ class Dispatcher:
         self._stopping = False
         self._store_wait_ends_at: float | None = None
         self.health = StoreHealth()
+        self.timeline = TaskTimeline(instance_id)
         self._buffer = TaskBuffer(settings.outage_buffer_size)
         self._buffer_ready = asyncio.Event()
 
@@ -170,7 +192,7 @@ class Dispatcher:
         await self._flush_logs()
         await self._store_buffered()
         for record in self._buffer.peek(len(self._buffer)):
-            log.bind(task_id=record.id, task_name=record.name).error(
+            bind_task(record.id, record.name, instance_id=self.instance_id).error(
                 "Task {} [{}] is lost: it was buffered during a store outage that lasted "
                 "past shutdown",
                 record.name,
@@ -215,17 +237,25 @@ class Dispatcher:
             if record is None:
                 return  # Cancelled, finished, or claimed by another instance.
         self._names[record.id] = record.name
-        await self._execute(record)
+        try:
+            await self._execute(record)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            # A bug in the library must not leave the task RUNNING: end it as FAILED.
+            log.opt(exception=error).error(
+                "Internal error while running task {} [{}]", record.name, record.id
+            )
+            await self._finish(record, _internal_failure(error, self._clock()))
 
     async def _execute(self, record: TaskRecord) -> None:
-        bound = log.bind(task_id=record.id, task_name=record.name, attempt=record.attempts)
         definition = self._registry.get(record.name)
         if definition is None:
             message = (
                 f"No task named {record.name!r} is registered in this app, so it cannot run; "
                 f"known tasks: {', '.join(self._registry.names()) or 'none'}."
             )
-            bound.error("Task {} [{}] failed: {}", record.name, record.id, message)
+            self.timeline.not_registered(record, message)
             outcome = AttemptOutcome(
                 status=TaskStatus.FAILED,
                 finished_at=self._clock(),
@@ -244,13 +274,7 @@ class Dispatcher:
             instance_id=self.instance_id,
         )
         self._contexts[record.id] = context
-        bound.info(
-            "Task {} [{}] started (attempt {} of {})",
-            record.name,
-            record.id,
-            record.attempts,
-            record.max_attempts,
-        )
+        self.timeline.started(record)
         try:
             result = await self._runner.run(definition, record, context)
         finally:
@@ -277,52 +301,44 @@ class Dispatcher:
             f"finish task {record.id}",
             lambda: self.store.finish(record.id, self.instance_id, record.attempts, outcome),
         )
-        bound = log.bind(task_id=record.id, task_name=record.name, attempt=record.attempts)
-        if not written:
-            bound.warning(
-                "Task {} [{}] attempt {} ended as {}, but another instance took the task "
-                "over after this instance's lease expired; the result is not stored",
+        if written is None and outcome.error_type != _STORE_FAILURE_TYPE:
+            # The store rejected this outcome (not an outage: that is waited out). A plainer
+            # outcome may still be accepted, and keeps the task from staying RUNNING.
+            outcome = _internal_failure(
+                StoreError(
+                    f"The {outcome.status.value} outcome of attempt {record.attempts} could "
+                    "not be stored; the instance's log has the error."
+                ),
+                outcome.finished_at,
+                outcome.duration,
+            )
+            written = await self._store_call(
+                f"finish task {record.id} after a failed write",
+                lambda: self.store.finish(record.id, self.instance_id, record.attempts, outcome),
+            )
+        if written is None:
+            log.bind(task_id=record.id, task_name=record.name).error(
+                "Task {} [{}] stays RUNNING: its outcome could not be stored; it is taken "
+                "back when this instance stops",
                 record.name,
                 record.id,
-                record.attempts,
-                outcome.status.value,
             )
+            return
+        if not written:
+            self.timeline.result_discarded(record, outcome)
             return
 
         if outcome.status is TaskStatus.SUCCESS:
-            bound.info(
-                "Task {} [{}] succeeded in {:.3f} s (attempt {} of {})",
-                record.name,
-                record.id,
-                outcome.duration,
-                record.attempts,
-                record.max_attempts,
-            )
+            self.timeline.succeeded(record, outcome)
         elif outcome.status is TaskStatus.PENDING:
             assert outcome.scheduled_at is not None
             delay = max(0.0, (outcome.scheduled_at - self._clock()).total_seconds())
-            bound.warning(
-                "Task {} [{}] attempt {} of {} failed with {}; retrying in {:.3f} s",
-                record.name,
-                record.id,
-                record.attempts,
-                record.max_attempts,
-                outcome.error_type,
-                delay,
-            )
+            self.timeline.retrying(record, outcome, delay)
             self._arm_retry(record, delay)
         elif outcome.status is TaskStatus.CANCELLED:
-            bound.info("Task {} [{}] cancelled", record.name, record.id)
+            self.timeline.cancelled(record, outcome)
         else:
-            bound.error(
-                "Task {} [{}] failed after {} attempt(s) with {}: {}\n{}",
-                record.name,
-                record.id,
-                record.attempts,
-                outcome.error_type,
-                outcome.error_message,
-                outcome.traceback or "",
-            )
+            self.timeline.failed(record, outcome)
 
     def _arm_retry(self, record: TaskRecord, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -370,6 +386,10 @@ class Dispatcher:
                     self._registry.names(),
                 ),
             )
+            if records:
+                log.bind(instance_id=self.instance_id).debug(
+                    "Claimed {} task(s) that no instance owned", len(records)
+                )
             for record in records or []:
                 self._spawn(record.id, record)
 
@@ -440,7 +460,7 @@ class Dispatcher:
             return False
         self.health.buffered_during_outage += len(records)
         for record in records:
-            log.bind(task_id=record.id, task_name=record.name).debug(
+            bind_task(record.id, record.name, instance_id=self.instance_id).debug(
                 "Task {} [{}] buffered until the store answers", record.name, record.id
             )
         self._buffer_ready.set()
@@ -461,6 +481,9 @@ class Dispatcher:
             if ids is None:
                 return
             self._buffer.drop(len(batch))
+            self.timeline.added(
+                record for record, task_id in zip(batch, ids, strict=True) if task_id == record.id
+            )
             for record, task_id in zip(batch, ids, strict=True):
                 if task_id == record.id:
                     self.submit(task_id, record.name)
@@ -469,32 +492,9 @@ class Dispatcher:
         return now + timedelta(seconds=self._settings.lease_expiry)
 
     def _log_recovery(self, report: RecoveryReport) -> None:
-        for task_id in report.interrupted:
-            log.bind(task_id=task_id).warning(
-                "Task [{}] was running on an instance whose lease expired; now INTERRUPTED",
-                task_id,
-            )
-        for task_id in report.requeued:
-            log.bind(task_id=task_id).warning(
-                "Task [{}] was running on an instance whose lease expired; queued again",
-                task_id,
-            )
-        if report.released:
-            log.info(
-                "Took back {} pending task(s) of instances whose lease expired",
-                len(report.released),
-            )
+        self.timeline.recovered(report.interrupted, report.requeued, len(report.released))
 
     def _log_release(self, report: RecoveryReport) -> None:
-        for status, task_ids in (
-            ("INTERRUPTED", report.interrupted),
-            ("queued again", report.requeued),
-            ("released to the store, still PENDING", report.released),
-        ):
-            for task_id in task_ids:
-                log.bind(task_id=task_id).warning(
-                    "Task {} [{}] left unfinished at shutdown: {}",
-                    self._names.get(task_id, "?"),
-                    task_id,
-                    status,
-                )
+        self.timeline.left_at_shutdown(
+            self._names, report.interrupted, report.requeued, report.released
+        )

@@ -34,6 +34,7 @@ class RequestTasks:
         """Store a task at once and return its id, or the id of the task holding its key."""
         [task_id] = await self.taskflow.store.create([record])
         if task_id == record.id:
+            self.taskflow.dispatcher.timeline.added([record])
             self._saved.append((task_id, record.name))
         return task_id
 
@@ -64,6 +65,7 @@ class RequestTasks:
                     f"request were not stored ({error})."
                 ) from error
         else:
+            self.taskflow.dispatcher.timeline.added(records)
             self._saved.extend((record.id, record.name) for record in records)
         # Removed only once stored or buffered, so that discard() reports a failed write.
         del self._unsaved[: len(records)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -10,7 +11,8 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from app_taskflow.context import TaskContext, set_current_task
+from app_taskflow.context import LogLimits, TaskContext, set_current_task
+from app_taskflow.logs import close_task_log
 from app_taskflow.models import AttemptOutcome, TaskRecord, TaskStatus
 from app_taskflow.tasks import TaskDefinition
 from app_taskflow.workers import WorkerPool
@@ -36,8 +38,9 @@ class AttemptResult:
 class Runner:
     """Runs attempts: async functions on the event loop, sync ones in the worker pool."""
 
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, log_limits: LogLimits | None = None) -> None:
         self._pool = pool
+        self._log_limits = log_limits or LogLimits()
 
     async def run(
         self, definition: TaskDefinition[Any, Any], record: TaskRecord, context: TaskContext
@@ -47,7 +50,19 @@ class Runner:
         Every exception the function raises, ``BaseException`` subclasses included, is
         caught and returned. Only a cancellation of this coroutine from outside that is not
         a cancel request of the task (the app shutting down) propagates.
+
+        The attempt's ``task_log()`` entries are capped by the runner's ``LogLimits``,
+        counting the entries of earlier attempts listed in the claimed record's ``logs``.
         """
+        context.limit_logs(self._log_limits, stored=len(record.logs))
+        try:
+            return await self._run(definition, record, context)
+        finally:
+            close_task_log(context)
+
+    async def _run(
+        self, definition: TaskDefinition[Any, Any], record: TaskRecord, context: TaskContext
+    ) -> AttemptResult:
         started = perf_counter()
         try:
             args, kwargs = definition.codec.decode(record.args, record.kwargs)
@@ -76,9 +91,17 @@ class Runner:
         started: float,
     ) -> AttemptResult:
         set_current_task(context)
+        deadline = asyncio.timeout(definition.policy.timeout)
         try:
-            async with asyncio.timeout(definition.policy.timeout):
+            async with deadline:
                 await definition.func(*args, **kwargs)
+        except TimeoutError as error:
+            if deadline.expired() and not error.args:
+                error.args = (
+                    f"The attempt did not finish within {definition.policy.timeout} s and was "
+                    "cancelled.",
+                )
+            raise
         finally:
             set_current_task(None)
         return AttemptResult(duration=perf_counter() - started)
@@ -117,7 +140,9 @@ def _call_in_context(
     context: TaskContext, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     set_current_task(context)
-    return func(*args, **kwargs)
+    result = func(*args, **kwargs)
+    _check_sync_result(result)
+    return result
 
 
 def _failure(error: BaseException, started: float) -> AttemptResult:
@@ -127,6 +152,21 @@ def _failure(error: BaseException, started: float) -> AttemptResult:
 
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+_ASYNC_RESULT_HINT = (
+    "The sync task function returned {kind} instead of running its work: declare the "
+    "task on the async def function itself, not on a sync wrapper or a generator."
+)
+
+
+def _check_sync_result(result: Any) -> None:
+    """Raise TypeError when a sync task function returned work it did not run."""
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()  # Avoid "coroutine was never awaited" on top of the error.
+        raise TypeError(_ASYNC_RESULT_HINT.format(kind="an awaitable"))
+    if inspect.isgenerator(result) or inspect.isasyncgen(result):
+        raise TypeError(_ASYNC_RESULT_HINT.format(kind="a generator"))
 
 
 def format_user_traceback(error: BaseException) -> str:
@@ -170,17 +210,45 @@ def decide_outcome(
         "finished_at": now,
         "duration": result.duration,
         "error_type": _qualified_type(error),
-        "error_message": str(error),
-        "traceback": result.traceback,
+        "error_message": safe_text(_describe(error), MAX_ERROR_MESSAGE_CHARS),
+        "traceback": safe_text(result.traceback or "", MAX_TRACEBACK_CHARS) or None,
     }
     if context.cancel_requested:
         return AttemptOutcome(status=TaskStatus.CANCELLED, **error_fields)
-    if definition.policy.should_retry(error, record.attempts):
-        delay = definition.policy.delay_after(record.attempts) * delay_scale
+
+    policy = definition.policy
+    # A manual retry raises max_attempts past the policy's count, so the budget comes from
+    # the record, and the backoff starts over with the first attempt of that retry.
+    attempt_in_run = max(1, record.attempts - (record.max_attempts - policy.max_attempts))
+    if record.attempts < record.max_attempts and isinstance(error, policy.retry_on):
+        delay = policy.delay_after(attempt_in_run) * delay_scale
         return AttemptOutcome(
             status=TaskStatus.PENDING, scheduled_at=now + timedelta(seconds=delay), **error_fields
         )
     return AttemptOutcome(status=TaskStatus.FAILED, **error_fields)
+
+
+MAX_ERROR_MESSAGE_CHARS = 4_000
+MAX_TRACEBACK_CHARS = 64_000
+
+
+def safe_text(text: str, limit: int) -> str:
+    """Return ``text`` cut to ``limit`` characters and encodable as UTF-8.
+
+    Lone surrogates (as in file names that ``os.listdir`` decoded with surrogate escapes)
+    become backslash escapes, because no store or JSON response can hold them.
+    """
+    if len(text) > limit:
+        text = f"{text[:limit]}... [{len(text) - limit} more characters cut]"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _describe(error: BaseException) -> str:
+    try:
+        message = str(error)
+    except Exception as str_error:  # An error class whose __str__ itself raises.
+        message = f"<str() of the error raised {type(str_error).__name__}>"
+    return message
 
 
 def _qualified_type(error: BaseException) -> str:

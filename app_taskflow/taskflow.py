@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
+from app_taskflow.context import LogLimits
 from app_taskflow.dispatcher import Dispatcher, DispatcherSettings, new_instance_id
-from app_taskflow.errors import TaskflowError
-from app_taskflow.logs import log
+from app_taskflow.errors import TaskDefinitionError, TaskflowError
+from app_taskflow.logfile import TaskLogFile, TaskLogFileOptions
+from app_taskflow.logs import start_stdlib_forwarding, stop_stdlib_forwarding
 from app_taskflow.models import TaskRecord, TaskStatus, new_task_id, utcnow
 from app_taskflow.runner import Runner
 from app_taskflow.stores.base import TaskStore
@@ -18,6 +21,9 @@ from app_taskflow.workers import WorkerPool
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+    from app_taskflow.dashboard.hub import DashboardHub, DashboardSettings
+    from app_taskflow.prometheus import PrometheusExporter
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -38,6 +44,11 @@ class Taskflow:
         settings: DispatcherSettings | None = None,
         api_prefix: str = "/tasks",
         clock: Callable[[], datetime] = utcnow,
+        auth_factory: Callable[[], Callable[..., Any]] | None = None,
+        log_limits: LogLimits | None = None,
+        log_file: TaskLogFileOptions | None = None,
+        stdlib_logging: bool = False,
+        prometheus: bool = False,
     ) -> None:
         self.registry = TaskRegistry()
         self.default_policy = default_policy or RetryPolicy()
@@ -48,6 +59,19 @@ class Taskflow:
         self._clock = clock
         self._dispatcher: Dispatcher | None = None
         self._pool: WorkerPool | None = None
+        self._auth_factory = auth_factory
+        self.dashboard_hub: DashboardHub | None = None
+        """The dashboard's event hub, created by ``install()``."""
+        self.log_limits = log_limits or LogLimits()
+        self.log_file = TaskLogFile(log_file) if log_file is not None else None
+        """The task log file sink, added at start and removed at stop; None when not set."""
+        self.stdlib_logging = stdlib_logging
+        self.prometheus: PrometheusExporter | None = None
+        """The Prometheus exporter when ``metrics.prometheus`` is on."""
+        if prometheus:
+            from app_taskflow.prometheus import PrometheusExporter
+
+            self.prometheus = PrometheusExporter()
 
     @overload
     def task(self, func: Callable[P, R], /) -> TaskDefinition[P, R]: ...
@@ -117,7 +141,24 @@ class Taskflow:
             if value is not None
         }
 
+        if func is not None and not callable(func):
+            raise TaskDefinitionError(
+                f"@taskflow.task({func!r}) got a {type(func).__name__} where a function was "
+                f"expected; to name the task, write @taskflow.task(name={func!r})."
+            )
+        if name is not None and not (isinstance(name, str) and name.strip()):
+            raise TaskDefinitionError(
+                f"Invalid task name {name!r}: expected a non-empty string, or leave name out "
+                "to use the function's module and qualified name."
+            )
+
         def decorate(function: Callable[..., Any]) -> Any:
+            if inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function):
+                raise TaskDefinitionError(
+                    f"{getattr(function, '__qualname__', function)!r} is a generator function, "
+                    "which cannot be a task because calling it runs none of its body; make "
+                    "it a plain def or async def function."
+                )
             definition: TaskDefinition[Any, Any] = TaskDefinition(
                 function,
                 name=name or default_task_name(function),
@@ -137,6 +178,13 @@ class Taskflow:
     def started(self) -> bool:
         """Whether the app's lifespan has started the taskflow."""
         return self._dispatcher is not None
+
+    @property
+    def auth(self) -> Callable[..., Any]:
+        """The FastAPI dependency that ``install()`` puts on the REST API and dashboard."""
+        from app_taskflow.auth import no_auth
+
+        return no_auth if self._auth_factory is None else self._auth_factory()
 
     @property
     def store(self) -> TaskStore:
@@ -165,16 +213,27 @@ class Taskflow:
 
     async def start(self) -> None:
         """Open the store and start the dispatcher. ``lifespan`` calls this."""
+        if self._dispatcher is not None:
+            raise TaskflowError("The taskflow is already started; enter its lifespan once per app.")
         # Chosen at start, not at import: servers that import the app once and then fork
         # their workers would otherwise give every worker the same id and lease.
         self.instance_id = new_instance_id()
-        store = self._store_factory()
-        await store.open()
-        pool = WorkerPool(self.settings.sync_workers)
-        dispatcher = Dispatcher(
-            store, self.registry, Runner(pool), self.settings, self.instance_id, self._clock
-        )
-        await dispatcher.start()
+        self._start_sinks()
+        try:
+            store = self._store_factory()
+            await store.open()
+            pool = WorkerPool(self.settings.sync_workers)
+            runner = Runner(pool, self.log_limits)
+            dispatcher = Dispatcher(
+                store, self.registry, runner, self.settings, self.instance_id, self._clock
+            )
+            if self.prometheus is not None:
+                self.prometheus.attach(self.instance_id, lambda: dispatcher.running_count)
+                dispatcher.timeline.listeners.append(self.prometheus.observe)
+            await dispatcher.start()
+        except BaseException:
+            self._stop_sinks()
+            raise
         self._pool = pool
         self._dispatcher = dispatcher
 
@@ -184,23 +243,63 @@ class Taskflow:
         if dispatcher is None:
             return
         try:
+            if self.dashboard_hub is not None:
+                await self.dashboard_hub.close()
             await dispatcher.stop()
         finally:
             if self._pool is not None:
                 self._pool.shutdown()
+            # Before closing the store, whose failure would otherwise leave the sinks added.
+            self._stop_sinks()
             await dispatcher.store.close()
             self._dispatcher = None
 
-    def install(self, app: FastAPI) -> None:
-        """Add the REST API under ``api_prefix`` and the middleware that stores tasks.
+    def _start_sinks(self) -> None:
+        # Only the sinks the configuration sets. Loguru's default stderr sink belongs to
+        # the app, which keeps or removes it.
+        if self.log_file is not None:
+            self.log_file.start(self.instance_id)
+        if self.stdlib_logging:
+            try:
+                start_stdlib_forwarding()
+            except BaseException:
+                if self.log_file is not None:
+                    self.log_file.stop()
+                raise
+
+    def _stop_sinks(self) -> None:
+        if self.stdlib_logging:
+            stop_stdlib_forwarding()
+        if self.log_file is not None:
+            self.log_file.stop()
+
+    def install(self, app: FastAPI, *, dashboard: bool | DashboardSettings = True) -> None:
+        """Add the REST API and the dashboard under ``api_prefix``, and the middleware.
 
         The middleware writes the tasks a request added to the store before the response
-        starts, and hands them to the dispatcher once the response is sent.
+        starts, and hands them to the dispatcher once the response is sent. Every route
+        requires the ``auth`` dependency, and every route that changes a task also rejects
+        cross-site requests.
+
+        Args:
+            dashboard: ``False`` leaves out the dashboard (``<api_prefix>/dashboard``);
+                a ``DashboardSettings`` changes the timings of its event stream.
         """
         from app_taskflow.api.router import build_router
+        from app_taskflow.dashboard.hub import DashboardHub, DashboardSettings
+        from app_taskflow.dashboard.router import build_dashboard_router
         from app_taskflow.middleware import TaskflowMiddleware
 
         app.add_middleware(TaskflowMiddleware, taskflow=self)
+        if dashboard is not False:
+            if self.dashboard_hub is None:
+                settings = dashboard if isinstance(dashboard, DashboardSettings) else None
+                self.dashboard_hub = DashboardHub(lambda: self.store, settings)
+            # Before the REST API, whose GET /{task_id} would take "dashboard" for an id.
+            dashboard_router = build_dashboard_router(self, self.dashboard_hub)
+            app.include_router(dashboard_router, prefix=self.api_prefix)
+        if self.prometheus is not None:
+            app.include_router(self.prometheus.build_router(self), prefix=self.api_prefix)
         app.include_router(build_router(self), prefix=self.api_prefix)
 
     def build_record(
@@ -218,8 +317,12 @@ class Taskflow:
         """
         definition = self.registry.resolve(func)
         encoded_args, encoded_kwargs = definition.codec.encode(args, kwargs)
-        if idempotency_key is not None and not isinstance(idempotency_key, str):
-            raise TypeError(f"Invalid idempotency_key {idempotency_key!r}: expected a string.")
+        if idempotency_key is not None and not (
+            isinstance(idempotency_key, str) and idempotency_key
+        ):
+            raise TypeError(
+                f"Invalid idempotency_key {idempotency_key!r}: expected a non-empty string."
+            )
         return TaskRecord(
             id=new_task_id(),
             name=definition.name,
@@ -249,6 +352,7 @@ class Taskflow:
         record = self.build_record(func, args, kwargs, idempotency_key)
         [task_id] = await self.store.create([record])
         if task_id == record.id:
+            self.dispatcher.timeline.added([record])
             self.dispatcher.submit(task_id, record.name)
         return task_id
 
@@ -263,12 +367,7 @@ class Taskflow:
         definition = None if current is None else self.registry.get(current.name)
         extra_attempts = definition.policy.max_attempts if definition else 1
         record = await self.store.retry(task_id, self._clock(), extra_attempts)
-        log.bind(task_id=task_id, task_name=record.name).info(
-            "Task {} [{}] queued again by request (attempt {} next)",
-            record.name,
-            task_id,
-            record.attempts + 1,
-        )
+        self.dispatcher.timeline.queued_by_request(record)
         self.dispatcher.submit(task_id, record.name)
         return record
 
@@ -280,10 +379,9 @@ class Taskflow:
             TaskStateError: the task has already finished.
         """
         record = await self.store.cancel(task_id, self._clock())
-        bound = log.bind(task_id=task_id, task_name=record.name)
         if record.status is TaskStatus.CANCELLED:
-            bound.info("Task {} [{}] cancelled before it ran", record.name, task_id)
+            self.dispatcher.timeline.cancelled(record)
         else:
-            bound.info("Task {} [{}] asked to stop", record.name, task_id)
+            self.dispatcher.timeline.stop_requested(record)
             self.dispatcher.request_cancel(task_id)
         return record

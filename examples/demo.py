@@ -207,6 +207,7 @@ def print_urls(base_url: str, tasks: list[dict[str, Any]]) -> None:
     """Print the pages to open while the server runs, showing the task with most attempts."""
     task_id = max(tasks, key=lambda task: task["attempts"])["id"]
     pages = [
+        ("the dashboard: live tasks, logs, actions", "/tasks/dashboard"),
         ("every task, newest first", "/tasks"),
         ("one task, with its logs and attempts", f"/tasks/{task_id}"),
         ("counts, success rate and durations", "/tasks/metrics"),
@@ -218,7 +219,10 @@ def print_urls(base_url: str, tasks: list[dict[str, Any]]) -> None:
 
     failed = [task["id"] for task in tasks if task["status"] == "FAILED"]
     if failed:
-        print(f"\nRun a FAILED task again: curl -X POST {base_url}/tasks/{failed[0]}/retry")
+        print(
+            "\nRun a FAILED task again: curl -X POST -H 'X-Taskflow-Request: 1' "
+            f"{base_url}/tasks/{failed[0]}/retry"
+        )
     print("\nThe server keeps running. Press Ctrl-C to stop it.")
 
 

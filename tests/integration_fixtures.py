@@ -54,9 +54,15 @@ def build_container(
 
 
 def asgi_client(app: FastAPI, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
-    """Return a client that sends requests to ``app`` in process."""
+    """Return a client that sends requests to ``app`` in process.
+
+    It sends ``X-Taskflow-Request: 1``, as the dashboard does, so that the REST API's
+    actions accept its POST requests.
+    """
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
-    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+    return httpx.AsyncClient(
+        transport=transport, base_url="http://testserver", headers={"X-Taskflow-Request": "1"}
+    )
 
 
 @dataclasses.dataclass

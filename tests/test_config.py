@@ -15,7 +15,13 @@ from app_taskflow.errors import ConfigurationError
 CONTAINERS = Path(__file__).resolve().parents[1] / "containers"
 ENVIRONMENT_FILES = sorted(CONTAINERS.glob("*.yaml"))
 
-REQUIRED_VARIABLES = {"production": {"APP_TASKFLOW_SQLITE_PATH": "/srv/app/taskflow.db"}}
+REQUIRED_VARIABLES = {
+    "production": {
+        "APP_TASKFLOW_SQLITE_PATH": "/srv/app/taskflow.db",
+        "APP_TASKFLOW_AUTH_USERNAME": "ops",
+        "APP_TASKFLOW_AUTH_PASSWORD": "correct horse battery staple",
+    }
+}
 """Environment variables that a file in containers/ uses without a default."""
 
 
@@ -50,7 +56,8 @@ def test_load_settings_environment_file(path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_load_settings_production_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("APP_TASKFLOW_SQLITE_PATH", "/srv/app/taskflow.db")
+    for name, value in REQUIRED_VARIABLES["production"].items():
+        monkeypatch.setenv(name, value)
     monkeypatch.delenv("APP_TASKFLOW_MAX_CONCURRENCY", raising=False)
     monkeypatch.delenv("APP_TASKFLOW_LEASE_EXPIRY", raising=False)
 

@@ -1,14 +1,22 @@
-"""REST routes: list, read, retry and cancel tasks, and read metrics."""
+"""REST routes: list, read, retry and cancel tasks, retry in bulk, and read metrics."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query
-from pydantic import BaseModel
+from fastapi import APIRouter, Depends, HTTPException, Query
+from pydantic import BaseModel, Field
 
+from app_taskflow.auth import check_same_origin
 from app_taskflow.errors import TaskNotFoundError, TaskStateError
-from app_taskflow.models import TaskMetrics, TaskPage, TaskQuery, TaskRecord, TaskStatus
+from app_taskflow.models import (
+    RETRYABLE_STATUSES,
+    TaskMetrics,
+    TaskPage,
+    TaskQuery,
+    TaskRecord,
+    TaskStatus,
+)
 
 if TYPE_CHECKING:
     from app_taskflow.taskflow import Taskflow
@@ -26,11 +34,34 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
 _CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorBody, "description": "The task's status does not allow it."}
 }
+_CROSS_SITE: dict[int | str, dict[str, Any]] = {
+    403: {
+        "model": ErrorBody,
+        "description": "Rejected as possibly cross-site: send the X-Taskflow-Request header.",
+    }
+}
+
+
+class BulkRetryResult(BaseModel):
+    """The outcome of one call of ``POST /tasks/retry``."""
+
+    retried: int = Field(description="Tasks queued again by this call.")
+    skipped: int = Field(
+        description=(
+            "Matching tasks not queued again: their status changed meanwhile, or their "
+            "idempotency key is now held by another task."
+        )
+    )
+    next_cursor: str | None = Field(
+        default=None,
+        description="Pass as cursor to retry the next batch; null once every match was seen.",
+    )
 
 
 def build_router(taskflow: Taskflow) -> APIRouter:
-    """Return the router of the REST API, bound to ``taskflow``."""
-    router = APIRouter(tags=["tasks"])
+    """Return the router of the REST API, bound to ``taskflow``; every route needs its auth."""
+    router = APIRouter(tags=["tasks"], dependencies=[Depends(taskflow.auth)])
+    actions = [Depends(check_same_origin)]
 
     @router.get("", response_model=TaskPage, summary="List tasks, newest first by default")
     async def list_tasks(
@@ -66,6 +97,59 @@ def build_router(taskflow: Taskflow) -> APIRouter:
         except ValueError as error:
             raise HTTPException(status_code=422, detail=str(error)) from error
 
+    @router.post(
+        "/retry",
+        response_model=BulkRetryResult,
+        responses=_CROSS_SITE,
+        dependencies=actions,
+        summary="Run FAILED and INTERRUPTED tasks that match the filters again, in batches",
+    )
+    async def retry_tasks(
+        status: Annotated[
+            list[TaskStatus] | None,
+            Query(description="FAILED, INTERRUPTED or both (the default); others match none."),
+        ] = None,
+        name: Annotated[str | None, Query(description="Keep tasks with this name.")] = None,
+        search: Annotated[
+            str | None, Query(max_length=200, description="As in GET /tasks.")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=1000, description="Tasks handled per call.")] = 100,
+        cursor: Annotated[
+            str | None, Query(description="next_cursor of the previous call.")
+        ] = None,
+    ) -> BulkRetryResult:
+        statuses = [
+            retryable
+            for retryable in TaskStatus
+            if retryable in RETRYABLE_STATUSES and (status is None or retryable in status)
+        ]
+        if not statuses:
+            return BulkRetryResult(retried=0, skipped=0)
+        # Oldest first with a cursor: tasks queued again leave the filter, so the cursor,
+        # a position in creation order, still points at the next unseen match.
+        query = TaskQuery(
+            statuses=statuses,
+            name=name,
+            search=search or None,
+            order="oldest",
+            limit=limit,
+            cursor=cursor,
+        )
+        try:
+            page = await taskflow.store.list(query)
+        except ValueError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from error
+
+        retried = skipped = 0
+        for task in page.items:
+            try:
+                await taskflow.retry(task.id)
+            except (TaskNotFoundError, TaskStateError):
+                skipped += 1
+            else:
+                retried += 1
+        return BulkRetryResult(retried=retried, skipped=skipped, next_cursor=page.next_cursor)
+
     @router.get("/metrics", response_model=TaskMetrics, summary="Counts, success rate, durations")
     async def read_metrics() -> TaskMetrics:
         return await taskflow.store.metrics()
@@ -82,7 +166,8 @@ def build_router(taskflow: Taskflow) -> APIRouter:
     @router.post(
         "/{task_id}/retry",
         response_model=TaskRecord,
-        responses={**_NOT_FOUND, **_CONFLICT},
+        responses={**_NOT_FOUND, **_CONFLICT, **_CROSS_SITE},
+        dependencies=actions,
         summary="Run a FAILED or INTERRUPTED task again",
     )
     async def retry_task(task_id: str) -> TaskRecord:
@@ -96,7 +181,8 @@ def build_router(taskflow: Taskflow) -> APIRouter:
     @router.post(
         "/{task_id}/cancel",
         response_model=TaskRecord,
-        responses={**_NOT_FOUND, **_CONFLICT},
+        responses={**_NOT_FOUND, **_CONFLICT, **_CROSS_SITE},
+        dependencies=actions,
         summary="Cancel a PENDING task or ask a RUNNING one to stop",
     )
     async def cancel_task(task_id: str) -> TaskRecord:

@@ -62,7 +62,7 @@ async def test_retry_route_runs_failed_report(
     task_id = response.json()["task_id"]
     await wait_until_done(task_id)
 
-    retried = await client.post(f"/tasks/{task_id}/retry")
+    retried = await client.post(f"/tasks/{task_id}/retry", headers={"X-Taskflow-Request": "1"})
     record = await wait_until_done(task_id)
 
     assert retried.status_code == 200
