@@ -28,7 +28,13 @@ DEFAULT_ENVIRONMENT = "development"
 def sqlite_url(path: str) -> str:
     """Return the SQLAlchemy URL of a SQLite file, creating its folder if needed."""
     file = Path(path).expanduser()
-    file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigurationError(
+            f"Cannot create the folder of the SQLite file {str(file)!r} (store.path): "
+            f"{error.strerror}. Choose a path in a folder this process may write to."
+        ) from error
     return f"sqlite:///{file}"
 
 
@@ -164,7 +170,8 @@ class TaskflowContainer(containers.DeclarativeContainer):
             raise ConfigurationError(
                 f"No configuration for environment {name!r}: {path.resolve()} does not "
                 f"exist. Available environments there: {', '.join(available) or 'none'}. "
-                f"Set {ENVIRONMENT_VARIABLE} to one of them, or pass folder= to "
-                "from_environment()."
+                f"Set {ENVIRONMENT_VARIABLE} to one of them, or point "
+                f"{FOLDER_VARIABLE} (or folder= of from_environment()) at the folder that "
+                "holds your configuration files."
             )
         return cls.from_settings(load_settings(path))

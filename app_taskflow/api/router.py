@@ -58,6 +58,10 @@ class BulkRetryResult(BaseModel):
     )
 
 
+MAX_OFFSET = 1_000_000
+"""Largest offset accepted; deeper pages are read with the cursor, which stays fast."""
+
+
 def build_router(taskflow: Taskflow) -> APIRouter:
     """Return the router of the REST API, bound to ``taskflow``; every route needs its auth."""
     router = APIRouter(tags=["tasks"], dependencies=[Depends(taskflow.auth)])
@@ -78,7 +82,7 @@ def build_router(taskflow: Taskflow) -> APIRouter:
         ] = None,
         order: Annotated[Literal["newest", "oldest"], Query()] = "newest",
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
         cursor: Annotated[
             str | None, Query(description="next_cursor of the previous page.")
         ] = None,
