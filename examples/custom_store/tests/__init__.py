@@ -1,0 +1,1 @@
+"""Tests of the custom store example beyond the contract suite."""
