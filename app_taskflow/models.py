@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -52,6 +53,26 @@ IDEMPOTENCY_HOLDING_STATUSES = frozenset(
 """Statuses in which a task keeps its idempotency key reserved."""
 
 
+TAG_KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+"""The pattern of a whole tag key: a letter or underscore, then up to 63 letters, digits, _ . -"""
+
+MAX_TAG_VALUE_CHARS = 256
+"""Characters a tag value may have at most."""
+
+MAX_TAGS = 20
+"""Tags one task may carry at most."""
+
+
+class TaskOrigin(BaseModel):
+    """The HTTP request whose route added a task."""
+
+    method: str
+    path: str = Field(description="The request path, without the query string.")
+    request_id: str | None = Field(
+        default=None, description="The request id header's value, when the request had one."
+    )
+
+
 class LogEntry(BaseModel):
     """One entry written by ``task_log()`` or by the runner."""
 
@@ -97,6 +118,9 @@ class TaskSummary(BaseModel):
     idempotency_key: str | None = None
     requeue_on_interrupt: bool = False
     cancel_requested: bool = False
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="Labels given to add_task(..., tags=...)."
+    )
 
 
 class TaskRecord(TaskSummary):
@@ -105,12 +129,24 @@ class TaskRecord(TaskSummary):
     traceback: str | None = None
     logs: list[LogEntry] = Field(default_factory=list)
     attempt_history: list[AttemptRecord] = Field(default_factory=list)
+    origin: TaskOrigin | None = Field(
+        default=None, description="The request that added the task; null outside a request."
+    )
+    trace_parent: str | None = Field(
+        default=None,
+        description=(
+            "The OpenTelemetry span that was current when the task was added, in W3C "
+            "traceparent form; each attempt's span links to it."
+        ),
+    )
 
     def summary(self) -> TaskSummary:
-        """Return the record without its logs, attempts and traceback."""
-        return TaskSummary.model_validate(
-            self.model_dump(exclude={"traceback", "logs", "attempt_history"})
-        )
+        """Return the record without its logs, attempts, traceback, origin and trace parent."""
+        return TaskSummary.model_validate(self.model_dump(exclude=_DETAIL_FIELDS))
+
+
+_DETAIL_FIELDS = set(TaskRecord.model_fields) - set(TaskSummary.model_fields)
+"""Fields of a record that its summary leaves out."""
 
 
 class AttemptOutcome(BaseModel):
@@ -138,6 +174,9 @@ class TaskQuery(BaseModel):
 
     statuses: list[TaskStatus] | None = None
     name: str | None = None
+    tags: dict[str, str] | None = Field(
+        default=None, description="Keep tasks that carry every one of these tags."
+    )
     search: str | None = Field(
         default=None,
         description=(

@@ -1,17 +1,26 @@
-"""Tables of the SQL task store, their mapping to the task models, and their migrations."""
+"""Tables of the SQL task store and their mapping to the task models."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, Dialect, Index, String, Text, TypeDecorator, text
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+)
 from sqlalchemy.orm import registry
-from sqlmodel import Field, Session, SQLModel
+from sqlmodel import Field, SQLModel
 
-from app_taskflow.errors import SchemaVersionError
 from app_taskflow.models import (
     IDEMPOTENCY_HOLDING_STATUSES,
     AttemptRecord,
@@ -62,7 +71,18 @@ class TaskflowTable(SQLModel, registry=registry()):
 _HOLDING_STATUS_SQL = ", ".join(
     f"'{status.value}'" for status in sorted(IDEMPOTENCY_HOLDING_STATUSES)
 )
-_HOLDS_KEY = text(f"status IN ({_HOLDING_STATUS_SQL})")
+HOLDS_IDEMPOTENCY_KEY = text(f"status IN ({_HOLDING_STATUS_SQL})")
+"""The condition of the unique index on idempotency keys: the task keeps its key reserved."""
+
+OWNERLESS_PENDING = text("status = 'PENDING' AND owner IS NULL")
+"""The condition of the index that ``claim_next`` reads, written as its queries must be.
+
+SQLite uses a partial index only for a query whose conditions contain the index's
+condition as written, with the status as a literal rather than a bound parameter.
+"""
+
+# SQLite makes only a column declared exactly INTEGER PRIMARY KEY an alias of the rowid.
+_ROW_ID = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class TaskRow(TaskflowTable, table=True):
@@ -70,19 +90,28 @@ class TaskRow(TaskflowTable, table=True):
 
     __tablename__ = "taskflow_tasks"
     __table_args__ = (
-        Index("ix_taskflow_tasks_status_created_at", "status", "created_at"),
-        Index("ix_taskflow_tasks_name_created_at", "name", "created_at"),
-        Index("ix_taskflow_tasks_created_at", "created_at"),
+        # Pages are ordered by (created_at, id), so each index that serves a page ends so.
+        Index("ix_taskflow_tasks_created_at_id", "created_at", "id"),
+        Index("ix_taskflow_tasks_status_created_at_id", "status", "created_at", "id"),
+        Index("ix_taskflow_tasks_name_created_at_id", "name", "created_at", "id"),
+        Index("ix_taskflow_tasks_finished_at_id", "finished_at", "id"),
         Index("ix_taskflow_tasks_owner", "owner"),
-        Index("ix_taskflow_tasks_claimable", "status", "owner", "scheduled_at"),
+        # claim_next reads the tasks that any instance may run, oldest first.
+        Index(
+            "ix_taskflow_tasks_ownerless_pending",
+            "created_at",
+            "id",
+            sqlite_where=OWNERLESS_PENDING,
+            postgresql_where=OWNERLESS_PENDING,
+        ),
         # At most one task holds a key at a time. The database enforces it, so two processes
         # that create the same key at once cannot both insert.
         Index(
             "ux_taskflow_tasks_idempotency_key",
             "idempotency_key",
             unique=True,
-            sqlite_where=_HOLDS_KEY,
-            postgresql_where=_HOLDS_KEY,
+            sqlite_where=HOLDS_IDEMPOTENCY_KEY,
+            postgresql_where=HOLDS_IDEMPOTENCY_KEY,
         ),
     )
 
@@ -105,6 +134,10 @@ class TaskRow(TaskflowTable, table=True):
     idempotency_key: str | None = None
     requeue_on_interrupt: bool = False
     cancel_requested: bool = False
+    tags: str = Field(default="{}", sa_type=Text, sa_column_kwargs={"server_default": "{}"})
+    origin: str | None = Field(default=None, sa_type=Text)
+    """JSON of the ``TaskOrigin``, or ``None``."""
+    trace_parent: str | None = None
 
 
 class AttemptRow(TaskflowTable, table=True):
@@ -128,7 +161,7 @@ class LogRow(TaskflowTable, table=True):
     __tablename__ = "taskflow_logs"
     __table_args__ = (Index("ix_taskflow_logs_task_id_id", "task_id", "id"),)
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=_ROW_ID)
     task_id: str = Field(foreign_key="taskflow_tasks.id")
     timestamp: datetime = Field(sa_type=UtcDateTime)
     level: str
@@ -146,6 +179,23 @@ class LeaseRow(TaskflowTable, table=True):
     expires_at: datetime = Field(sa_type=UtcDateTime)
 
 
+class ChangeRow(TaskflowTable, table=True):
+    """One entry of the SQLite change journal, which the change feed of every store reads.
+
+    An entry contains the summary of a task as a write left it (JSON of its column values),
+    or the id of a new log entry. The ``id`` orders entries by commit, because SQLite runs one
+    write transaction at a time, and AUTOINCREMENT never reuses one.
+    """
+
+    __tablename__ = "taskflow_changes"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: int | None = Field(default=None, primary_key=True)
+    task_id: str
+    summary: str | None = Field(default=None, sa_type=Text)
+    log_id: int | None = None
+
+
 class SchemaVersionRow(TaskflowTable, table=True):
     """The single row that stores the number of the last migration applied."""
 
@@ -155,52 +205,17 @@ class SchemaVersionRow(TaskflowTable, table=True):
     version: int
 
 
-def _create_version_1_tables(connection: Connection) -> None:
-    # This builds the tables from the classes above. When a later migration changes one of
-    # them, write the version-1 DDL out here, so that a new database still passes through
-    # every version in order.
-    names = ["taskflow_tasks", "taskflow_attempts", "taskflow_logs", "taskflow_leases"]
-    tables = [TaskflowTable.metadata.tables[name] for name in names]
-    TaskflowTable.metadata.create_all(connection, tables=tables)
+TASK_TABLE = TaskflowTable.metadata.tables["taskflow_tasks"]
+"""The table of ``TaskRow``, for statements that bypass the ORM."""
 
+LOG_TABLE = TaskflowTable.metadata.tables["taskflow_logs"]
+"""The table of ``LogRow``, for statements that bypass the ORM."""
 
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_create_version_1_tables,)
-"""Schema migrations in order: ``MIGRATIONS[n]`` takes the schema from version n to n + 1."""
+CHANGE_TABLE = TaskflowTable.metadata.tables["taskflow_changes"]
+"""The table of ``ChangeRow``, for statements that bypass the ORM."""
 
-SCHEMA_VERSION = len(MIGRATIONS)
-"""The schema version that this code reads and writes."""
-
-
-def migrate(session: Session, location: str) -> None:
-    """Apply the migrations that the database at ``location`` has not seen yet.
-
-    Runs in the caller's transaction, so concurrent starts apply each migration once.
-
-    Raises:
-        SchemaVersionError: the database was migrated by a newer app-taskflow.
-    """
-    # NOTE: on PostgreSQL, two first starts at once can both try to create the version
-    # table. Supporting PostgreSQL needs an advisory lock here.
-    connection = session.connection()
-    version_table = TaskflowTable.metadata.tables["taskflow_schema_version"]
-    TaskflowTable.metadata.create_all(connection, tables=[version_table])
-
-    row = session.get(SchemaVersionRow, 1)
-    stored_version = 0 if row is None else row.version
-    if stored_version > SCHEMA_VERSION:
-        raise SchemaVersionError(
-            f"The task store at {location} has schema version {stored_version}, but this "
-            f"version of app-taskflow reads schema versions up to {SCHEMA_VERSION}. Upgrade "
-            "app-taskflow to open this store."
-        )
-
-    for migration in MIGRATIONS[stored_version:]:
-        migration(connection)
-    if row is None:
-        session.add(SchemaVersionRow(version=SCHEMA_VERSION))
-    else:
-        row.version = SCHEMA_VERSION
-
+ATTEMPT_TABLE = TaskflowTable.metadata.tables["taskflow_attempts"]
+"""The table of ``AttemptRow``, for statements that bypass the ORM."""
 
 _TASK_FIELDS = tuple(
     name for name in TaskRecord.model_fields if name not in ("logs", "attempt_history")
@@ -209,13 +224,19 @@ _TASK_FIELDS = tuple(
 SUMMARY_COLUMNS = tuple(getattr(TaskRow, name) for name in TaskSummary.model_fields)
 """The task columns that ``summary_from_mapping`` reads: all but the traceback."""
 
+TASK_COLUMNS = tuple(TASK_TABLE.c[name] for name in _TASK_FIELDS)
+"""The task columns that ``record_from_mapping`` reads."""
+
 
 def task_values(record: TaskRecord) -> dict[str, Any]:
     """Return the column values of a task, without its logs and attempts."""
     values = {name: getattr(record, name) for name in _TASK_FIELDS}
     values["status"] = record.status.value
-    values["args"] = json.dumps(record.args)
-    values["kwargs"] = json.dumps(record.kwargs)
+    # Non-ASCII text is kept as is, so that a search for "Jürgen" finds it in the JSON.
+    values["args"] = json.dumps(record.args, ensure_ascii=False)
+    values["kwargs"] = json.dumps(record.kwargs, ensure_ascii=False)
+    values["tags"] = json.dumps(record.tags, ensure_ascii=False)
+    values["origin"] = None if record.origin is None else record.origin.model_dump_json()
     return values
 
 
@@ -227,17 +248,22 @@ def record_from_row(
     values["attempt_history"] = [
         AttemptRecord.model_validate(attempt, from_attributes=True) for attempt in attempts
     ]
-    values["logs"] = [
-        LogEntry(
-            timestamp=log.timestamp,
-            level=log.level,
-            message=log.message,
-            attempt=log.attempt,
-            extra=json.loads(log.extra),
-        )
-        for log in logs
-    ]
+    values["logs"] = [log_entry_from_mapping(log.model_dump()) for log in logs]
     return TaskRecord.model_validate(values)
+
+
+def record_from_mapping(
+    values: Mapping[Any, Any], attempts: Iterable[AttemptRecord] = ()
+) -> TaskRecord:
+    """Build a task record without logs from a result row of ``TASK_COLUMNS``."""
+    decoded = _decode_arguments({name: values[name] for name in _TASK_FIELDS})
+    decoded["attempt_history"] = list(attempts)
+    return TaskRecord.model_validate(decoded)
+
+
+def attempt_from_mapping(values: Mapping[Any, Any]) -> AttemptRecord:
+    """Build an attempt record from a result row of the attempt table."""
+    return AttemptRecord.model_validate(dict(values))
 
 
 def summary_from_mapping(values: Mapping[Any, Any]) -> TaskSummary:
@@ -245,21 +271,43 @@ def summary_from_mapping(values: Mapping[Any, Any]) -> TaskSummary:
     return TaskSummary.model_validate(_decode_arguments(values))
 
 
-def log_row(task_id: str, entry: LogEntry) -> LogRow:
-    """Return the row of one log entry of a task."""
-    return LogRow(
-        task_id=task_id,
-        timestamp=entry.timestamp,
-        level=entry.level,
-        message=entry.message,
-        attempt=entry.attempt,
+def summary_from_row(row: TaskRow) -> TaskSummary:
+    """Build the summary of a task from its row."""
+    return summary_from_mapping({name: getattr(row, name) for name in TaskSummary.model_fields})
+
+
+def log_values(task_id: str, entry: LogEntry) -> dict[str, Any]:
+    """Return the column values of one log entry of a task, without its id."""
+    return {
+        "task_id": task_id,
+        "timestamp": entry.timestamp,
+        "level": entry.level,
+        "message": entry.message,
+        "attempt": entry.attempt,
         # Log extras are for display, so a value that JSON cannot hold is stored as its str().
-        extra=json.dumps(entry.extra, default=str),
+        "extra": json.dumps(entry.extra, default=str),
+    }
+
+
+def log_entry_from_mapping(values: Mapping[Any, Any]) -> LogEntry:
+    """Build a log entry from a result row with the columns of ``LogRow``."""
+    return LogEntry(
+        timestamp=values["timestamp"],
+        level=values["level"],
+        message=values["message"],
+        attempt=values["attempt"],
+        extra=json.loads(values["extra"]),
     )
 
 
 def _decode_arguments(values: Mapping[Any, Any]) -> dict[str, Any]:
+    """Decode the columns that hold JSON text: arguments, tags and origin."""
     decoded = dict(values)
-    decoded["args"] = json.loads(values["args"])
-    decoded["kwargs"] = json.loads(values["kwargs"])
+    for name in _JSON_COLUMNS:
+        text_value = values.get(name)
+        if text_value is not None:
+            decoded[name] = json.loads(text_value)
     return decoded
+
+
+_JSON_COLUMNS = ("args", "kwargs", "tags", "origin")

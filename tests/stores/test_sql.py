@@ -1,22 +1,29 @@
-"""Tests of SqlStore on SQLite beyond the contract: files, schema versions, locks, processes."""
+"""Tests of SqlStore on SQLite beyond the contract: schema, query plans, locks, change feed.
+
+Helpers that do not depend on SQLite are shared with ``test_postgres.py``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event
+from loguru import logger
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import SQLModel
 
@@ -26,9 +33,23 @@ from app_taskflow.errors import (
     SchemaVersionError,
     StoreError,
 )
-from app_taskflow.models import AttemptOutcome, LogEntry, TaskQuery, TaskRecord, TaskStatus
+from app_taskflow.models import (
+    TERMINAL_STATUSES,
+    AttemptOutcome,
+    LogEntry,
+    TaskChange,
+    TaskMetrics,
+    TaskOrigin,
+    TaskQuery,
+    TaskRecord,
+    TaskStatus,
+    new_task_id,
+)
+from app_taskflow.stores import sql, sql_watch
+from app_taskflow.stores.base import build_metrics
 from app_taskflow.stores.sql import SqlStore
-from app_taskflow.stores.sql_schema import SCHEMA_VERSION
+from app_taskflow.stores.sql_migrations import MIGRATIONS, SCHEMA_VERSION
+from app_taskflow.stores.sql_schema import TaskflowTable, UtcDateTime
 
 RecordFactory = Callable[..., TaskRecord]
 Clock = Callable[[float], datetime]
@@ -81,6 +102,223 @@ def write_lock_held(path: Path, seconds: float) -> Iterator[None]:
         releaser.join()
 
 
+# helpers shared with test_postgres.py
+
+
+def create_version_1_schema(connection: Connection) -> None:
+    """Create the tables as migration 1 left them, and record schema version 1."""
+    MIGRATIONS[0](connection)
+    connection.execute(
+        text(
+            "CREATE TABLE taskflow_schema_version"
+            " (id INTEGER PRIMARY KEY, version INTEGER NOT NULL)"
+        )
+    )
+    connection.execute(text("INSERT INTO taskflow_schema_version (id, version) VALUES (1, 1)"))
+
+
+def insert_version_1_task(connection: Connection, task_id: str, created_at: datetime) -> None:
+    """Insert a FAILED task with two log entries into a version-1 schema."""
+    # Typed, so that the time is stored in the form that the store writes and reads.
+    created_at_parameter = bindparam("created_at", type_=UtcDateTime())
+    connection.execute(
+        text(
+            "INSERT INTO taskflow_tasks (id, name, status, args, kwargs, attempts, max_attempts,"
+            " created_at, finished_at, duration, error_type, error_message, requeue_on_interrupt,"
+            " cancel_requested) VALUES (:id, 'send_email', 'FAILED', '[\"a@example.com\"]',"
+            " '{}', 1, 1, :created_at, :created_at, 2.5, 'ValueError', 'invalid address',"
+            " false, false)"
+        ).bindparams(created_at_parameter),
+        {"id": task_id, "created_at": created_at},
+    )
+    for message in ("connecting", "refused"):
+        connection.execute(
+            text(
+                "INSERT INTO taskflow_logs (task_id, timestamp, level, message, attempt, extra)"
+                " VALUES (:id, :created_at, 'INFO', :message, 1, '{}')"
+            ).bindparams(created_at_parameter),
+            {"id": task_id, "created_at": created_at, "message": message},
+        )
+
+
+def schema_of(connection: Connection) -> dict[str, tuple[set[str], dict[str, list[str]]]]:
+    """Return the columns and indexes (name to columns) of each app-taskflow table."""
+    inspector = inspect(connection)
+    return {
+        table: (
+            {column["name"] for column in inspector.get_columns(table)},
+            {
+                str(index["name"]): list(index["column_names"])
+                for index in inspector.get_indexes(table)
+            },
+        )
+        for table in inspector.get_table_names()
+        if table.startswith("taskflow_")
+    }
+
+
+def schema_of_models(dialect: str) -> dict[str, tuple[set[str], dict[str, list[str]]]]:
+    """Return ``schema_of`` as the models describe it for ``dialect``."""
+    tables = dict(TaskflowTable.metadata.tables)
+    if dialect != "sqlite":
+        del tables["taskflow_changes"]
+    return {
+        name: (
+            {column.name for column in table.columns},
+            {str(index.name): [column.name for column in index.columns] for index in table.indexes},
+        )
+        for name, table in tables.items()
+    }
+
+
+def finished_records(make_record: RecordFactory, clock: Clock, seed: int) -> list[TaskRecord]:
+    """Return finished tasks of three names with random durations, many of them equal."""
+    generator = random.Random(seed)
+    statuses = sorted(TERMINAL_STATUSES)
+    records = []
+    for name, count in (("send_email", 41), ("resize_image", 20), ("send_sms", 1)):
+        for _ in range(count):
+            status = generator.choice(statuses)
+            records.append(
+                make_record(
+                    name=name,
+                    status=status,
+                    attempts=1,
+                    finished_at=clock(10),
+                    duration=generator.choice([None, 0.5, 1.0, generator.uniform(0, 100)]),
+                )
+            )
+    return records
+
+
+def metrics_of(records: Sequence[TaskRecord]) -> TaskMetrics:
+    """Return the metrics of ``records`` as ``build_metrics`` computes them in Python."""
+    counts: dict[str, dict[TaskStatus, int]] = defaultdict(lambda: defaultdict(int))
+    durations: dict[str, list[float]] = defaultdict(list)
+    for record in records:
+        counts[record.name][record.status] += 1
+        if record.duration is not None:
+            durations[record.name].append(record.duration)
+    return build_metrics(counts, durations)
+
+
+def rounded_means(metrics: TaskMetrics) -> TaskMetrics:
+    """Return ``metrics`` with means rounded, as SQL sums durations in another order."""
+    rounded = metrics.model_copy(deep=True)
+    for stats in [rounded.duration, *(name.duration for name in rounded.by_name.values())]:
+        if stats.mean is not None:
+            stats.mean = round(stats.mean, 9)
+    return rounded
+
+
+@contextmanager
+def executed_statements() -> Iterator[list[tuple[str, Any]]]:
+    """Collect the SQL statements that any engine executes, with their parameters."""
+    statements: list[tuple[str, Any]] = []
+
+    def collect(connection: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(Engine, "before_cursor_execute", collect)
+    try:
+        yield statements
+    finally:
+        event.remove(Engine, "before_cursor_execute", collect)
+
+
+async def list_statement(store: SqlStore, query: TaskQuery) -> tuple[str, Any]:
+    """Return the SELECT statement with which ``store.list(query)`` reads its page."""
+    with executed_statements() as statements:
+        await store.list(query)
+    [page_statement] = [item for item in statements if item[0].lstrip().startswith("SELECT")]
+    return page_statement
+
+
+def page_queries(cursor: str) -> dict[str, TaskQuery]:
+    """Return the page queries whose plans the tests check, by a readable name."""
+    return {
+        "first_page": TaskQuery(),
+        "oldest_first": TaskQuery(order="oldest"),
+        "status": TaskQuery(statuses=[TaskStatus.FAILED]),
+        "name": TaskQuery(name="send_email"),
+        "cursor": TaskQuery(cursor=cursor),
+        "status_cursor": TaskQuery(statuses=[TaskStatus.FAILED], cursor=cursor),
+        "statuses": TaskQuery(statuses=[TaskStatus.PENDING, TaskStatus.FAILED]),
+    }
+
+
+class Watcher:
+    """Reads the changes of ``store.watch()`` with a timeout per read.
+
+    A read that times out stays pending, because cancelling it would close the iterator.
+    """
+
+    def __init__(self, store: SqlStore) -> None:
+        self.changes = store.watch()
+        self._next: asyncio.Future[TaskChange] | None = None
+
+    async def start(self, store: SqlStore, probe_id: str, clock: Clock) -> None:
+        """Subscribe, then wait until a log entry appended to ``probe_id`` arrives."""
+        self._next = asyncio.ensure_future(anext(self.changes))
+        await asyncio.sleep(0)
+        for number in range(5):
+            message = f"probe {number}"
+            await store.append_logs(probe_id, [LogEntry(timestamp=clock(0), message=message)])
+            try:
+                await self.read_until(partial(is_log, message=message), timeout=0.6)
+                return
+            except TimeoutError:
+                continue
+        raise AssertionError("The watcher received none of 5 probe log entries.")
+
+    async def read(self, timeout: float = 5.0) -> TaskChange:  # noqa: ASYNC109
+        """Return the next change, or raise ``TimeoutError`` when none came in time."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(anext(self.changes))
+        done, _ = await asyncio.wait({self._next}, timeout=timeout)
+        if not done:
+            raise TimeoutError(f"No change arrived within {timeout} s.")
+        change = self._next.result()
+        self._next = None
+        return change
+
+    async def read_until(
+        self,
+        matches: Callable[[TaskChange], bool],
+        timeout: float = 5.0,  # noqa: ASYNC109
+    ) -> list[TaskChange]:
+        """Read changes until one ``matches``; return the changes read, that one last."""
+        seen = [await self.read(timeout)]
+        while not matches(seen[-1]):
+            seen.append(await self.read(timeout))
+        return seen
+
+    async def aclose(self) -> None:
+        """Cancel a pending read and close the iterator."""
+        if self._next is not None:
+            self._next.cancel()
+            await asyncio.gather(self._next, return_exceptions=True)
+        await self.changes.aclose()
+
+
+def is_log(change: TaskChange, message: str) -> bool:
+    """Return whether ``change`` is a new log entry with ``message``."""
+    return change.log is not None and change.log.message == message
+
+
+def describe(changes: Sequence[TaskChange], task_id: str) -> list[str]:
+    """Return the status or log message of each change of one task, in order."""
+    described = []
+    for change in changes:
+        if change.task_id != task_id:
+            continue
+        if change.summary is not None:
+            described.append(change.summary.status.value)
+        elif change.log is not None:
+            described.append(f"log {change.log.message}")
+    return described
+
+
 # files and schema
 
 
@@ -131,6 +369,58 @@ async def test_open_rejects_newer_schema(open_store: StoreOpener, database_path:
         await open_store()
 
 
+async def test_open_migrates_version_1(
+    open_store: StoreOpener, database_path: Path, clock: Clock
+) -> None:
+    engine = create_engine(database_url(database_path))
+    with engine.begin() as connection:
+        create_version_1_schema(connection)
+        insert_version_1_task(connection, "task-1", clock(0))
+    engine.dispose()
+
+    store = await open_store()
+
+    task = await store.get("task-1")
+    assert task is not None
+    assert task.status is TaskStatus.FAILED
+    assert task.created_at == clock(0)
+    assert [entry.message for entry in task.logs] == ["connecting", "refused"]
+    assert task.args == ["a@example.com"]
+    assert task.tags == {}
+    page = await store.list(TaskQuery(statuses=[TaskStatus.FAILED], search="REFUSED"))
+    assert [item.id for item in page.items] == ["task-1"]
+    connection = sqlite3.connect(database_path)
+    [version] = connection.execute("SELECT version FROM taskflow_schema_version").fetchone()
+    connection.close()
+    assert version == SCHEMA_VERSION
+
+
+async def test_migrated_schema_matches_models(
+    open_store: StoreOpener, database_path: Path, clock: Clock
+) -> None:
+    engine = create_engine(database_url(database_path))
+    with engine.begin() as connection:
+        create_version_1_schema(connection)
+    await open_store()
+
+    with engine.connect() as connection:
+        migrated = schema_of(connection)
+    engine.dispose()
+
+    assert migrated == schema_of_models("sqlite")
+
+
+async def test_new_schema_matches_models(open_store: StoreOpener, database_path: Path) -> None:
+    await open_store()
+    engine = create_engine(database_url(database_path))
+
+    with engine.connect() as connection:
+        created = schema_of(connection)
+    engine.dispose()
+
+    assert created == schema_of_models("sqlite")
+
+
 async def test_memory_url_shared_by_threads(
     open_store: StoreOpener, make_record: RecordFactory
 ) -> None:
@@ -146,6 +436,19 @@ async def test_memory_url_shared_by_threads(
 def test_invalid_url_raises_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="Invalid database URL"):
         SqlStore("not a url")
+
+
+def test_unsupported_database_raises_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match=r"Unsupported database URL mysql://.*SQLite"):
+        SqlStore("mysql://taskflow@localhost/tasks")
+
+
+def test_old_sqlite_raises_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+
+    with pytest.raises(ConfigurationError, match=r"needs SQLite 3\.35\.0 or newer.*3\.31\.1"):
+        SqlStore("sqlite://")
 
 
 def test_missing_driver_names_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,6 +594,263 @@ async def test_busy_error_retried_until_write_lands(
     assert failures_left == 0
     assert task_ids == [record.id]
     assert await store.get(record.id) == record
+
+
+# list
+
+
+async def test_list_plans_use_indexes(
+    open_store: StoreOpener, database_path: Path, make_record: RecordFactory
+) -> None:
+    store = await open_store()
+    records = [make_record(name=name) for name in ("send_email", "resize_image") * 20]
+    await store.create(records)
+    first_page = await store.list(TaskQuery(limit=5))
+    assert first_page.next_cursor is not None
+    connection = sqlite3.connect(database_path)
+    connection.execute("ANALYZE")
+
+    plans = {}
+    for name, query in page_queries(first_page.next_cursor).items():
+        statement, parameters = await list_statement(store, query)
+        rows = connection.execute(f"EXPLAIN QUERY PLAN {statement}", parameters).fetchall()
+        plans[name] = [row[-1] for row in rows]
+    connection.close()
+
+    # Each page is read in index order, so SQLite stops after the rows of the page.
+    expected_index = {
+        "first_page": "ix_taskflow_tasks_created_at_id",
+        "oldest_first": "ix_taskflow_tasks_created_at_id",
+        "status": "ix_taskflow_tasks_status_created_at_id (status=?)",
+        "name": "ix_taskflow_tasks_name_created_at_id (name=?)",
+        "cursor": "ix_taskflow_tasks_created_at_id ((created_at,id)<(?,?))",
+        "status_cursor": (
+            "ix_taskflow_tasks_status_created_at_id (status=? AND (created_at,id)<(?,?))"
+        ),
+        "statuses": "ix_taskflow_tasks_status_created_at_id (status=?)",
+    }
+    for name, index in expected_index.items():
+        assert any(line.endswith(f"USING INDEX {index}") for line in plans[name]), plans[name]
+    for name in ("first_page", "oldest_first", "status", "name", "cursor", "status_cursor"):
+        assert not any("TEMP B-TREE" in line for line in plans[name]), plans[name]
+    # Several statuses: one index range per status, then a merge of the pages only.
+    assert sum("USING INDEX ix_taskflow_tasks_status" in line for line in plans["statuses"]) == 2
+
+
+async def create_tagged_tasks(store: SqlStore, make_record: RecordFactory) -> dict[str, str]:
+    """Create tasks with tags, one with an origin and a trace parent; return ids by label."""
+    labels = {
+        "eu_premium": make_record(
+            tags={"region": "eu", "plan": "premium", "team.name": "Zürich"},
+            origin=TaskOrigin(method="POST", path="/signup", request_id="req-1"),
+            trace_parent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
+        "eu_free": make_record(tags={"region": "eu", "plan": "free"}),
+        "untagged": make_record(),
+    }
+    await store.create(list(labels.values()))
+    return {label: record.id for label, record in labels.items()}
+
+
+async def check_tags(store: SqlStore, make_record: RecordFactory) -> None:
+    """Check that tags, origin and trace parent are stored, and that pages filter by tags."""
+    ids = await create_tagged_tasks(store, make_record)
+
+    stored = await store.get(ids["eu_premium"])
+    assert stored is not None
+    assert stored.tags == {"region": "eu", "plan": "premium", "team.name": "Zürich"}
+    assert stored.origin == TaskOrigin(method="POST", path="/signup", request_id="req-1")
+    assert stored.trace_parent == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    pages = {
+        "region": await store.list(TaskQuery(tags={"region": "eu"})),
+        "two_tags": await store.list(TaskQuery(tags={"region": "eu", "plan": "premium"})),
+        "dotted_key": await store.list(TaskQuery(tags={"team.name": "Zürich"})),
+        "other_value": await store.list(TaskQuery(tags={"region": "us"})),
+        "invalid_key": await store.list(TaskQuery(tags={'re"gion': "eu"})),
+    }
+    assert {item.id for item in pages["region"].items} == {ids["eu_premium"], ids["eu_free"]}
+    assert [item.id for item in pages["two_tags"].items] == [ids["eu_premium"]]
+    assert [item.id for item in pages["dotted_key"].items] == [ids["eu_premium"]]
+    assert pages["other_value"].items == []
+    assert pages["invalid_key"].items == []
+    assert pages["region"].items[-1].tags == {
+        "region": "eu",
+        "plan": "premium",
+        "team.name": "Zürich",
+    }
+
+
+async def test_tags_and_origin_stored(open_store: StoreOpener, make_record: RecordFactory) -> None:
+    store = await open_store()
+
+    await check_tags(store, make_record)
+
+
+async def test_list_search_ignores_ascii_case_only(
+    open_store: StoreOpener, make_record: RecordFactory
+) -> None:
+    store = await open_store()
+    task_id = (await store.create([make_record(args=["Émile Zola"])]))[0]
+
+    ascii_case = await store.list(TaskQuery(search="ÉMILE zola"))
+    other_case = await store.list(TaskQuery(search="émile"))
+
+    assert [item.id for item in ascii_case.items] == [task_id]
+    # The NOTE in sql_queries.py: SQLite's LIKE folds the case of ASCII letters only.
+    assert other_case.items == []
+
+
+# metrics
+
+
+async def test_metrics_match_python_reference(
+    open_store: StoreOpener, make_record: RecordFactory, clock: Clock
+) -> None:
+    store = await open_store()
+    records = finished_records(make_record, clock, seed=7)
+    await store.create(records)
+
+    metrics = await store.metrics()
+
+    assert rounded_means(metrics) == rounded_means(metrics_of(records))
+
+
+# prune
+
+
+async def test_prune_plan_uses_finished_at_index(
+    open_store: StoreOpener, database_path: Path, make_record: RecordFactory, clock: Clock
+) -> None:
+    store = await open_store()
+    await store.create(finished_records(make_record, clock, seed=1))
+
+    with executed_statements() as statements:
+        await store.prune(clock(1000), max_age=60.0, max_count=10)
+
+    connection = sqlite3.connect(database_path)
+    # The SELECTs that pick tasks by age and by count; a third one counts them.
+    selects = [item for item in statements if "ORDER BY taskflow_tasks.finished_at" in item[0]]
+    plans = [
+        [row[-1] for row in connection.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)]
+        for statement, parameters in selects
+    ]
+    connection.close()
+    assert len(plans) == 2
+    for plan in plans:
+        assert any("USING INDEX ix_taskflow_tasks_finished_at_id" in line for line in plan), plan
+
+
+# watch
+
+
+@pytest.fixture
+async def watchers() -> AsyncIterator[list[Watcher]]:
+    """Yield a list to which a test adds its watchers; they are closed after the test."""
+    opened: list[Watcher] = []
+    yield opened
+    for watcher in opened:
+        await watcher.aclose()
+
+
+async def test_watch_other_store_same_file(
+    open_store: StoreOpener, watchers: list[Watcher], make_record: RecordFactory, clock: Clock
+) -> None:
+    store = await open_store()
+    other = await open_store()
+    probe_id = (await store.create([make_record(name="probe")]))[0]
+    watcher = Watcher(store)
+    watchers.append(watcher)
+    await watcher.start(store, probe_id, clock)
+
+    task_id = (await other.create([make_record()]))[0]
+    await other.claim(task_id, INSTANCE_A, clock(1))
+    await other.append_logs(task_id, [LogEntry(timestamp=clock(2), message="sent", attempt=1)])
+    outcome = AttemptOutcome(status=TaskStatus.SUCCESS, finished_at=clock(3), duration=2.0)
+    await other.finish(task_id, INSTANCE_A, 1, outcome)
+    changes = await watcher.read_until(
+        lambda change: change.summary is not None and change.summary.status is TaskStatus.SUCCESS
+    )
+
+    assert describe(changes, task_id) == ["PENDING", "RUNNING", "log sent", "SUCCESS"]
+
+
+async def test_watch_journal_trimmed_resyncs(
+    open_store: StoreOpener,
+    watchers: list[Watcher],
+    make_record: RecordFactory,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sql_watch, "JOURNAL_KEEP", 5)
+    monkeypatch.setattr(sql, "TRIM_EVERY", 1)
+    store = await open_store()
+    other = await open_store()
+    probe_id = (await store.create([make_record(name="probe")]))[0]
+    watcher = Watcher(store)
+    watchers.append(watcher)
+    await watcher.start(store, probe_id, clock)
+
+    # One transaction writes 20 journal entries and trims all but the newest 5.
+    records = [make_record() for _ in range(20)]
+    await other.create(records)
+    changes = await watcher.read_until(lambda change: change.task_id == records[-1].id)
+
+    assert changes[0].resync
+    assert [change.task_id for change in changes[1:]] == [record.id for record in records[-5:]]
+
+
+async def test_watch_survives_failed_poll(
+    open_store: StoreOpener,
+    database_path: Path,
+    watchers: list[Watcher],
+    make_record: RecordFactory,
+    clock: Clock,
+) -> None:
+    store = await open_store()
+    other = await open_store()
+    probe_id = (await store.create([make_record(name="probe")]))[0]
+    watcher = Watcher(store)
+    watchers.append(watcher)
+    await watcher.start(store, probe_id, clock)
+    errors: list[str] = []
+    sink_id = logger.add(lambda message: errors.append(str(message)), level="ERROR")
+
+    connection = sqlite3.connect(database_path, isolation_level=None)
+    try:
+        connection.execute("ALTER TABLE taskflow_changes RENAME TO taskflow_changes_away")
+        for _ in range(100):
+            if errors:
+                break
+            await asyncio.sleep(0.05)
+        connection.execute("ALTER TABLE taskflow_changes_away RENAME TO taskflow_changes")
+    finally:
+        connection.close()
+        logger.remove(sink_id)
+    [task_id] = await other.create([make_record()])
+    changes = await watcher.read_until(lambda change: change.task_id == task_id)
+
+    assert len(errors) == 1
+    assert "could not read the task store" in errors[0]
+    assert describe(changes, task_id) == ["PENDING"]
+
+
+async def test_journal_keeps_newest_entries(
+    open_store: StoreOpener,
+    database_path: Path,
+    make_record: RecordFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sql_watch, "JOURNAL_KEEP", 5)
+    monkeypatch.setattr(sql, "TRIM_EVERY", 1)
+    store = await open_store()
+
+    for _ in range(3):
+        await store.create([make_record() for _ in range(4)])
+
+    connection = sqlite3.connect(database_path)
+    [count] = connection.execute("SELECT count(*) FROM taskflow_changes").fetchone()
+    connection.close()
+    assert count == 5
 
 
 # several processes
@@ -444,3 +1004,66 @@ def test_create_processes_same_key_one_task(database_path: Path, tmp_path: Path)
         return len(page.items)
 
     assert asyncio.run(count_tasks()) == key_count
+
+
+WRITE_SCRIPT = """
+import asyncio, sys
+from datetime import UTC, datetime
+
+from app_taskflow.models import AttemptOutcome, LogEntry, TaskRecord, TaskStatus
+from app_taskflow.stores.sql import SqlStore
+
+
+async def main(url: str, task_id: str) -> None:
+    store = SqlStore(url)
+    await store.open()
+    now = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+    record = TaskRecord(id=task_id, name="send_email", status=TaskStatus.PENDING, created_at=now)
+    await store.create([record])
+    await store.claim(task_id, "instance-b", now)
+    await store.append_logs(task_id, [LogEntry(timestamp=now, message="sent", attempt=1)])
+    outcome = AttemptOutcome(status=TaskStatus.SUCCESS, finished_at=now, duration=1.0)
+    await store.finish(task_id, "instance-b", 1, outcome)
+    await store.close()
+
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_watch_changes_from_other_process(
+    open_store: StoreOpener,
+    database_path: Path,
+    watchers: list[Watcher],
+    make_record: RecordFactory,
+    clock: Clock,
+) -> None:
+    store = await open_store()
+    probe_id = (await store.create([make_record(name="probe")]))[0]
+    watcher = Watcher(store)
+    watchers.append(watcher)
+    await watcher.start(store, probe_id, clock)
+    task_id = new_task_id()
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        WRITE_SCRIPT,
+        database_url(database_path),
+        task_id,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        changes = await watcher.read_until(
+            lambda change: (
+                change.task_id == task_id
+                and change.summary is not None
+                and change.summary.status is TaskStatus.SUCCESS
+            ),
+            timeout=20.0,
+        )
+    finally:
+        _, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+
+    assert describe(changes, task_id) == ["PENDING", "RUNNING", "log sent", "SUCCESS"]

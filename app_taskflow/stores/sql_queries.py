@@ -1,0 +1,294 @@
+"""The read queries of SqlStore: one task, pages of tasks, and metrics."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    cast,
+    exists,
+    false,
+    func,
+    literal,
+    or_,
+    text,
+    tuple_,
+    union_all,
+)
+from sqlalchemy import select as select_columns
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Session, col, select
+
+from app_taskflow.models import (
+    TAG_KEY_PATTERN,
+    TERMINAL_STATUSES,
+    DurationStats,
+    TaskMetrics,
+    TaskPage,
+    TaskQuery,
+    TaskRecord,
+    TaskStatus,
+    encode_cursor,
+)
+from app_taskflow.stores.base import build_metrics, percentile
+from app_taskflow.stores.sql_schema import (
+    SUMMARY_COLUMNS,
+    AttemptRow,
+    LogRow,
+    TaskRow,
+    UtcDateTime,
+    record_from_row,
+    summary_from_mapping,
+)
+
+_PERCENTS = (50, 95)
+"""The percentiles of ``DurationStats``: p50 and p95, by the nearest-rank method."""
+
+
+def load_record(session: Session, task_id: str) -> TaskRecord | None:
+    """Return a task with its attempts and logs, or ``None``."""
+    row = session.get(TaskRow, task_id)
+    return None if row is None else full_record(session, row)
+
+
+def full_record(session: Session, row: TaskRow) -> TaskRecord:
+    """Return the record of a task row with its attempts and logs."""
+    attempt_statement = select(AttemptRow).where(col(AttemptRow.task_id) == row.id)
+    attempts = session.exec(attempt_statement.order_by(col(AttemptRow.number))).all()
+    log_statement = select(LogRow).where(col(LogRow.task_id) == row.id)
+    logs = session.exec(log_statement.order_by(col(LogRow.id))).all()
+    return record_from_row(row, attempts=attempts, logs=logs)
+
+
+def list_page(session: Session, query: TaskQuery, after: tuple[datetime, str] | None) -> TaskPage:
+    """Return the page of tasks that ``query`` selects, starting after the task ``after``.
+
+    Every page is read along an index that ends in ``(created_at, id)``, so that the
+    database stops after the rows of the page. A filter on several statuses reads one
+    such range per status and merges them, since a single index range cannot return
+    several statuses in ``created_at`` order.
+
+    NOTE: no index serves a search or a tag filter, so they are checked task by task along
+    the page's index. A text or tag that few tasks contain makes a page read many tasks. A
+    search that matched none of 1,000,000 tasks took 0.6 s on SQLite 3.40 and 1.2 s on
+    PostgreSQL 15, measured once on a shared 2-CPU machine.
+    """
+    newest_first = query.order == "newest"
+    offset = 0 if after is not None else query.offset
+    conditions: list[ColumnElement[bool]] = []
+    if query.name is not None:
+        conditions.append(col(TaskRow.name) == query.name)
+    dialect = session.get_bind().dialect.name
+    for key, value in sorted((query.tags or {}).items()):
+        conditions.append(_has_tag(key, value, dialect))
+    if query.search:
+        conditions.append(_mentions(query.search, dialect))
+    if after is not None:
+        position = tuple_(col(TaskRow.created_at), col(TaskRow.id))
+        cursor = tuple_(literal(after[0], UtcDateTime()), literal(after[1]))
+        conditions.append(position < cursor if newest_first else position > cursor)
+
+    statuses = None if query.statuses is None else sorted({s.value for s in query.statuses})
+    if statuses is not None and len(statuses) > 1:
+        ranges = [
+            _ordered(
+                select_columns(*SUMMARY_COLUMNS).where(col(TaskRow.status) == status, *conditions),
+                newest_first,
+            )
+            .limit(offset + query.limit + 1)
+            .subquery()
+            for status in statuses
+        ]
+        merged = union_all(*(select_columns(*page.c) for page in ranges)).subquery()
+        statement = select_columns(*merged.c)
+        order: list[Any] = [merged.c.created_at, merged.c.id]
+    else:
+        if statuses is not None:
+            conditions.append(col(TaskRow.status).in_(statuses))
+        statement = select_columns(*SUMMARY_COLUMNS).where(*conditions)
+        order = [col(TaskRow.created_at), col(TaskRow.id)]
+    if newest_first:
+        order = [column.desc() for column in order]
+    statement = statement.order_by(*order).offset(offset).limit(query.limit + 1)
+
+    rows = session.execute(statement).mappings().all()
+    items = [summary_from_mapping(row) for row in rows[: query.limit]]
+    has_more = len(rows) > query.limit
+    return TaskPage(
+        items=items,
+        limit=query.limit,
+        offset=offset,
+        has_more=has_more,
+        next_cursor=encode_cursor(items[-1]) if has_more else None,
+    )
+
+
+def _ordered(statement: Select[Any], newest_first: bool) -> Select[Any]:
+    if newest_first:
+        return statement.order_by(col(TaskRow.created_at).desc(), col(TaskRow.id).desc())
+    return statement.order_by(col(TaskRow.created_at), col(TaskRow.id))
+
+
+def _has_tag(key: str, value: str, dialect: str) -> ColumnElement[bool]:
+    """Return the condition that a task carries the tag ``key`` with ``value``."""
+    if not TAG_KEY_PATTERN.fullmatch(key):
+        # No task carries such a key, and SQLite could not quote it in a JSON path.
+        return false()
+    if dialect == "postgresql":
+        tags = cast(col(TaskRow.tags), JSONB)
+        return func.jsonb_extract_path_text(tags, key) == value
+    return func.json_extract(col(TaskRow.tags), f'$."{key}"') == value
+
+
+def _mentions(search: str, dialect: str) -> ColumnElement[bool]:
+    """Return the condition that ``search`` occurs in a task's text or one of its log messages.
+
+    NOTE: SQLite's LIKE ignores case for ASCII letters only, so on SQLite a search for "é"
+    does not find "É". PostgreSQL's ILIKE follows the database's locale.
+    """
+    escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    pattern = f"%{escaped}%"
+
+    def matches(column: Any) -> ColumnElement[bool]:
+        if dialect == "postgresql":
+            return col(column).ilike(pattern, escape="\\")
+        return col(column).like(pattern, escape="\\")
+
+    columns = (
+        TaskRow.id,
+        TaskRow.name,
+        TaskRow.args,
+        TaskRow.kwargs,
+        TaskRow.error_type,
+        TaskRow.error_message,
+    )
+    in_logs = exists().where(col(LogRow.task_id) == col(TaskRow.id), matches(LogRow.message))
+    return or_(*(matches(column) for column in columns), in_logs)
+
+
+def read_metrics(session: Session) -> TaskMetrics:
+    """Return the counts per name and status, success rates and duration statistics."""
+    if session.get_bind().dialect.name == "postgresql":
+        count_statement = select(TaskRow.name, TaskRow.status, func.count()).group_by(
+            col(TaskRow.name), col(TaskRow.status)
+        )
+        counts: dict[str, dict[TaskStatus, int]] = defaultdict(dict)
+        for name, status, count in session.exec(count_statement):
+            counts[name][TaskStatus(status)] = count
+        overall, by_name = _postgres_durations(session)
+    else:
+        counts, totals = _sqlite_counts(session)
+        overall, by_name = _sqlite_durations(session, totals)
+
+    metrics = build_metrics(counts, {})
+    metrics.duration = overall
+    for name, stats in by_name.items():
+        metrics.by_name[name].duration = stats
+    return metrics
+
+
+_TERMINAL_SQL = ", ".join(f"'{status.value}'" for status in sorted(TERMINAL_STATUSES))
+_FINISHED_WITH_DURATION = text(f"status IN ({_TERMINAL_SQL}) AND duration IS NOT NULL")
+
+
+def _postgres_durations(session: Session) -> tuple[DurationStats, dict[str, DurationStats]]:
+    # percentile_disc returns the first value whose cumulative distribution reaches the
+    # fraction, which is the nearest-rank percentile.
+    percentiles = [
+        func.percentile_disc(percent / 100).within_group(col(TaskRow.duration))
+        for percent in _PERCENTS
+    ]
+    statement = (
+        select_columns(
+            col(TaskRow.name),
+            func.grouping(col(TaskRow.name)),
+            func.count(col(TaskRow.duration)),
+            func.avg(col(TaskRow.duration)),
+            *percentiles,
+        )
+        .where(_FINISHED_WITH_DURATION)
+        .group_by(text("GROUPING SETS ((name), ())"))
+    )
+    overall = DurationStats()
+    by_name: dict[str, DurationStats] = {}
+    for name, is_overall, count, mean, p50, p95 in session.execute(statement):
+        stats = DurationStats(count=count, mean=mean, p50=p50, p95=p95)
+        if is_overall:
+            overall = stats
+        else:
+            by_name[name] = stats
+    return overall, by_name
+
+
+DURATION_SAMPLE = 10_000
+"""Most recently finished tasks whose durations give the percentiles on SQLite."""
+
+# NOT INDEXED makes SQLite read the table in storage order: the name index would give the
+# groups in order, but costs a random read of the table per task.
+_SQLITE_COUNTS = text(
+    "SELECT name, status, count(*), count(duration), total(duration)"
+    " FROM taskflow_tasks NOT INDEXED GROUP BY name, status"
+)
+
+
+def _sqlite_counts(
+    session: Session,
+) -> tuple[dict[str, dict[TaskStatus, int]], dict[str, tuple[int, float]]]:
+    """Return the counts per name and status, and the count and sum of durations per name."""
+    counts: dict[str, dict[TaskStatus, int]] = defaultdict(dict)
+    totals: dict[str, tuple[int, float]] = {}
+    for name, status, count, duration_count, duration_sum in session.execute(_SQLITE_COUNTS):
+        counts[name][TaskStatus(status)] = count
+        if TaskStatus(status) in TERMINAL_STATUSES and duration_count:
+            previous_count, previous_sum = totals.get(name, (0, 0.0))
+            totals[name] = (previous_count + duration_count, previous_sum + duration_sum)
+    return counts, totals
+
+
+def _sqlite_durations(
+    session: Session, totals: dict[str, tuple[int, float]]
+) -> tuple[DurationStats, dict[str, DurationStats]]:
+    """Return duration statistics: counts and means of all tasks, percentiles of recent ones.
+
+    NOTE: SQLite has no percentile function, and ranking every duration in SQL takes
+    seconds for a million tasks. So on SQLite p50 and p95 come from the durations of the
+    ``DURATION_SAMPLE`` most recently finished tasks (overall, and per name from that
+    name's tasks among them, or from its own most recent ones when it has none there).
+    They are exact while fewer tasks are kept; count and mean always cover every task.
+    """
+    if not totals:
+        return DurationStats(), {}
+    recent = (
+        select_columns(col(TaskRow.name), col(TaskRow.duration))
+        .where(_FINISHED_WITH_DURATION)
+        .order_by(col(TaskRow.finished_at).desc(), col(TaskRow.id).desc())
+        .limit(DURATION_SAMPLE)
+    )
+    samples: dict[str, list[float]] = defaultdict(list)
+    for name, duration in session.execute(recent):
+        samples[name].append(duration)
+    overall_sample = sorted(duration for durations in samples.values() for duration in durations)
+    for name in totals.keys() - samples.keys():
+        samples[name] = list(session.execute(recent.where(col(TaskRow.name) == name)).scalars())
+
+    by_name = {
+        name: _stats(count, total, sorted(samples[name])) for name, (count, total) in totals.items()
+    }
+    count = sum(count for count, _ in totals.values())
+    total = sum(total for _, total in totals.values())
+    return _stats(count, total, overall_sample), by_name
+
+
+def _stats(count: int, total: float, sorted_sample: list[float]) -> DurationStats:
+    if not sorted_sample:
+        return DurationStats(count=count, mean=total / count)
+    return DurationStats(
+        count=count,
+        mean=total / count,
+        p50=percentile(sorted_sample, 0.50),
+        p95=percentile(sorted_sample, 0.95),
+    )
