@@ -119,6 +119,7 @@ class Dispatcher:
         self._contexts: dict[str, TaskContext] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._names: dict[str, str] = {}
+        self._tags: dict[str, dict[str, str]] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         self._store_wait_ends_at: float | None = None
@@ -171,6 +172,9 @@ class Dispatcher:
     async def stop(self) -> None:
         """Stop claiming, give running tasks the grace period, then hand the rest back."""
         self._stopping = True
+        # The loops also end when they see _stopping, because a store call may swallow the
+        # cancellation: on Python 3.11, asyncio.wait_for (which redis-py uses for socket
+        # timeouts) returns the outcome of an inner call that ended as the cancel arrived.
         for loop_task in self._loops:
             loop_task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -192,7 +196,7 @@ class Dispatcher:
         await self._flush_logs()
         await self._store_buffered()
         for record in self._buffer.peek(len(self._buffer)):
-            bind_task(record.id, record.name, instance_id=self.instance_id).error(
+            bind_task(record.id, record.name, instance_id=self.instance_id, tags=record.tags).error(
                 "Task {} [{}] is lost: it was buffered during a store outage that lasted "
                 "past shutdown",
                 record.name,
@@ -225,6 +229,7 @@ class Dispatcher:
         self._active.pop(task_id, None)
         if task_id not in self._timers:
             self._names.pop(task_id, None)
+            self._tags.pop(task_id, None)
         if not self._stopping:
             self._pump()
 
@@ -237,6 +242,8 @@ class Dispatcher:
             if record is None:
                 return  # Cancelled, finished, or claimed by another instance.
         self._names[record.id] = record.name
+        if record.tags:
+            self._tags[record.id] = record.tags
         try:
             await self._execute(record)
         except asyncio.CancelledError:
@@ -317,7 +324,7 @@ class Dispatcher:
                 lambda: self.store.finish(record.id, self.instance_id, record.attempts, outcome),
             )
         if written is None:
-            log.bind(task_id=record.id, task_name=record.name).error(
+            bind_task(record.id, record.name, instance_id=self.instance_id, tags=record.tags).error(
                 "Task {} [{}] stays RUNNING: its outcome could not be stored; it is taken "
                 "back when this instance stops",
                 record.name,
@@ -353,13 +360,9 @@ class Dispatcher:
         self.submit(task_id, name)
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._settings.heartbeat_interval)
-            now = self._clock()
-            cancel_ids = await self._store_call(
-                "renew the lease",
-                partial(self.store.heartbeat, self.instance_id, now, self._lease_end(now)),
-            )
+            cancel_ids = await self._store_call("renew the lease", self._renew_lease)
             for task_id in cancel_ids or []:
                 self.request_cancel(task_id)
             report = await self._store_call(
@@ -369,8 +372,15 @@ class Dispatcher:
             if report is not None:
                 self._log_recovery(report)
 
+    async def _renew_lease(self) -> list[str]:
+        # The lease end is computed at each try: a try that succeeds after an outage longer
+        # than the expiry would otherwise store an end already past, and the recovery that
+        # follows would take this instance's own tasks back.
+        now = self._clock()
+        return await self.store.heartbeat(self.instance_id, now, self._lease_end(now))
+
     async def _poll_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._settings.poll_interval)
             await self._flush_logs()
             free = self._settings.max_concurrency - len(self._active) - len(self._queue)
@@ -460,14 +470,14 @@ class Dispatcher:
             return False
         self.health.buffered_during_outage += len(records)
         for record in records:
-            bind_task(record.id, record.name, instance_id=self.instance_id).debug(
+            bind_task(record.id, record.name, instance_id=self.instance_id, tags=record.tags).debug(
                 "Task {} [{}] buffered until the store answers", record.name, record.id
             )
         self._buffer_ready.set()
         return True
 
     async def _buffer_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await self._buffer_ready.wait()
             await self._store_buffered()
             self._buffer_ready.clear()
@@ -496,5 +506,5 @@ class Dispatcher:
 
     def _log_release(self, report: RecoveryReport) -> None:
         self.timeline.left_at_shutdown(
-            self._names, report.interrupted, report.requeued, report.released
+            self._names, report.interrupted, report.requeued, report.released, self._tags
         )

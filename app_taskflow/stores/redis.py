@@ -16,6 +16,7 @@ from app_taskflow.errors import (
     MissingExtraError,
     SchemaVersionError,
     StoreError,
+    StoreUnavailableError,
     TaskNotFoundError,
     TaskStateError,
 )
@@ -43,6 +44,7 @@ from app_taskflow.stores.redis_scripts import (
     decode_summary,
     load_scripts,
     log_arguments,
+    optional,
     outcome_arguments,
     position,
     record_arguments,
@@ -82,9 +84,10 @@ class RedisStore(TaskStore):
 
     Every method after ``open()`` runs one Lua script (sent by SHA, loaded once per
     server), so each read-modify-write is atomic and takes one round trip. Only a search
-    in ``list()`` may take several. Keys start with ``prefix``: a task is a hash, its
-    attempts and logs are lists, and sorted sets index tasks by creation, status, name,
-    owner and due time. The scripts keep counts per name and status for ``metrics()``.
+    or tag filter in ``list()`` may take several. Keys start with ``prefix``: a task is a
+    hash, its attempts and logs are lists, and sorted sets index tasks by creation, status,
+    name, owner, due time and tag. The scripts keep counts per name and status for
+    ``metrics()``.
     ``watch()`` listens on the pub/sub channel ``<prefix>:changes``, on which the scripts
     publish every change while any client subscribes to it.
 
@@ -179,7 +182,7 @@ class RedisStore(TaskStore):
         offset = 0 if query.cursor else query.offset
         if query.statuses is not None and not query.statuses:
             found: builtins.list[TaskSummary] = []
-        elif query.search:
+        elif query.search or query.tags:
             found = await self._search(query, after, offset)
         else:
             arguments = [query.order, after, str(offset), str(query.limit + 1)]
@@ -299,32 +302,47 @@ class RedisStore(TaskStore):
     async def _search(
         self, query: TaskQuery, after: str, offset: int
     ) -> builtins.list[TaskSummary]:
-        """Return up to ``offset + limit + 1`` matches of ``query.search``, from ``offset`` on.
+        """Return up to ``offset + limit + 1`` matches of ``query``, from ``offset`` on.
+
+        Used for a search, a tag filter or both. With tags, the script scans the position
+        set of the rarest tag and checks the other filters on each task. Without tags, it
+        scans the sets of the status and name filters.
 
         NOTE: a search scans the tasks that the other filters leave, in list order and
         SEARCH_SCAN per round trip, until it has enough matches. A text found in few tasks
         therefore reads every one of them, and each round trip blocks Redis for a few ms.
         """
-        assert query.search is not None
-        text = query.search.casefold()
-        # The script folds ASCII only, and it reads log entries as JSON text, in which quotes,
-        # backslashes and control characters are escaped. So it takes other texts as
-        # matching every task, and Python checks them all.
-        plain = text.isascii() and text.isprintable() and not any(c in text for c in '"\\')
-        wanted = offset + query.limit + 1
+        text = query.search.casefold() if query.search else None
+        search_argument = ""
+        if text is not None:
+            # The script folds ASCII only, and it reads log entries as JSON text, in which
+            # quotes, backslashes and control characters are escaped. So it takes other
+            # texts as matching every task, and Python checks them all.
+            plain = text.isascii() and text.isprintable() and not any(c in text for c in '"\\')
+            search_argument = "=" + (text if plain else "")
+        filters = ["", ""]
         keys = self._index_keys(query)
+        if query.tags:
+            statuses = " ".join(sorted(query.statuses)) if query.statuses is not None else ""
+            filters = [statuses, optional(query.name)]
+            for key, value in sorted(query.tags.items()):
+                filters.extend((key, value))
+            keys = [self._key("tag", key, value) for key, value in sorted(query.tags.items())]
+
+        wanted = offset + query.limit + 1
         matches: builtins.list[TaskSummary] = []
         while len(matches) < wanted:
             arguments = [
                 query.order,
                 after,
-                text if plain else "",
+                search_argument,
                 str(SEARCH_SCAN),
                 str(wanted - len(matches)),
+                *filters,
             ]
             last, exhausted, candidates = await self._run("search", keys=keys, args=arguments)
             for candidate in json.loads(candidates):
-                if _mentions(candidate["task"], candidate["logs"], text):
+                if text is None or _mentions(candidate["task"], candidate["logs"], text):
                     matches.append(decode_summary(candidate["task"]))
             if exhausted or last is None:
                 break
@@ -339,13 +357,17 @@ class RedisStore(TaskStore):
             raise self._store_error(script, error) from error
 
     def _store_error(self, operation: str, error: RedisError) -> StoreError:
-        advice = ""
-        if isinstance(error, RedisConnectionError | RedisTimeoutError):
-            advice = " Check that the Redis server is running and reachable from this host."
-        return StoreError(
+        message = (
             f"The Redis task store at {self._location} failed during {operation}: "
-            f"{type(error).__name__}: {str(error).rstrip('.')}.{advice}"
+            f"{type(error).__name__}: {str(error).rstrip('.')}."
         )
+        if isinstance(error, RedisConnectionError | RedisTimeoutError):
+            # The dispatcher waits out this class of error as an outage, but retries other
+            # errors only a few times.
+            return StoreUnavailableError(
+                f"{message} Check that the Redis server is running and reachable from this host."
+            )
+        return StoreError(message)
 
     async def _listen(self, changes: ChangeFanout) -> None:
         """Hand every message of the change channel to ``changes``, reconnecting on errors.

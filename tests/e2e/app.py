@@ -102,6 +102,15 @@ def fail(label: str) -> None:
     raise ValueError(f"invalid label {label!r}")
 
 
+@taskflow.task(name="flaky", retries=1, delay=1.0, jitter=0.0)
+def flaky(label: str) -> None:
+    # Fails once, so that its retry is claimed one second after the first attempt ended.
+    context = current_task()
+    assert context is not None
+    if context.attempt == 1:
+        raise RuntimeError(f"first attempt of {label} failed on purpose")
+
+
 @taskflow.task(name="keyed")
 def keyed(run_file: str) -> None:
     append_line(run_file, running_task_id())
@@ -124,6 +133,12 @@ def typed(
     Path(out_file).write_text(json.dumps(received), encoding="utf-8")
 
 
+@app.get("/health")
+def health() -> dict[str, str]:
+    # Reads no task and adds none, so it responds while the store is unreachable.
+    return {"status": "ok"}
+
+
 @app.post("/quick")
 def add_quick(tasks: Tasks, label: str) -> dict[str, str]:
     return {"task_id": tasks.add_task(quick, label)}
@@ -143,6 +158,11 @@ def add_hold(tasks: Tasks, gate: str, limit: float = 30.0, requeue: bool = False
 @app.post("/fail")
 def add_fail(tasks: Tasks, label: str) -> dict[str, str]:
     return {"task_id": tasks.add_task(fail, label)}
+
+
+@app.post("/flaky")
+def add_flaky(tasks: Tasks, label: str) -> dict[str, str]:
+    return {"task_id": tasks.add_task(flaky, label)}
 
 
 @app.post("/keyed")

@@ -4,24 +4,33 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 import yaml
+from servers import POSTGRES, REDIS, require_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 30.0
 """Seconds a server gets to respond to its first request."""
 STOP_TIMEOUT = 15.0
 """Seconds a server gets to exit after SIGTERM before it is killed."""
+
+STORE_KINDS = ("sqlite", "redis", "postgres")
+"""Store kinds that ``every_store`` runs a test on. Redis and PostgreSQL are the shared servers."""
+
+every_store = pytest.mark.parametrize("store_kind", STORE_KINDS, indirect=True)
+"""Run a test once per kind in ``STORE_KINDS``. Tests without this mark run on SQLite only."""
 
 T = TypeVar("T")
 
@@ -118,13 +127,13 @@ class Server:
             self.terminate()
 
 
-def write_config(folder: Path, environment: str, database: Path, **sections: Any) -> None:
-    """Write ``<folder>/<environment>.yaml``: a SQLite store at ``database``, fast timings.
+def write_config(folder: Path, environment: str, store: dict[str, Any], **sections: Any) -> None:
+    """Write ``<folder>/<environment>.yaml`` with the ``store`` section given and fast timings.
 
-    Keyword arguments replace whole sections (runner, leases, retry).
+    Keyword arguments replace whole sections (runner, leases, retry, outage).
     """
     config: dict[str, Any] = {
-        "store": {"kind": "sqlite", "path": str(database)},
+        "store": store,
         "runner": {"max_concurrency": 20, "sync_workers": 8, "shutdown_grace": 2.0},
         "leases": {"heartbeat_interval": 0.5, "expiry": 2.0, "poll_interval": 0.2},
         "retry": {"retries": 0, "delay": 0.05, "jitter": 0.0},
@@ -134,18 +143,83 @@ def write_config(folder: Path, environment: str, database: Path, **sections: Any
     (folder / f"{environment}.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
 
 
+@contextlib.contextmanager
+def shared_store(kind: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """Yield the ``store`` section of a fresh store of ``kind``, and delete its data afterwards.
+
+    SQLite gets a file in ``tmp_path``. Redis gets a key prefix of its own on the shared
+    server, whose keys are deleted after the test. PostgreSQL gets a database of its own on
+    the shared server, dropped after the test. A shared server that is not reachable skips
+    the test, or fails it when ``CI`` is set.
+    """
+    if kind == "sqlite":
+        yield {"kind": "sqlite", "path": str(tmp_path / "tasks.db")}
+    elif kind == "redis":
+        with _redis_prefix() as prefix:
+            yield {"kind": "redis", "url": f"redis://{REDIS.address}/0", "prefix": prefix}
+    elif kind == "postgres":
+        with _postgres_database() as name:
+            yield {"kind": "postgres", "url": f"postgresql://postgres@{POSTGRES.address}/{name}"}
+    else:
+        raise ValueError(f"Unknown store kind {kind!r}. Use one of {STORE_KINDS}.")
+
+
+@contextlib.contextmanager
+def _redis_prefix() -> Iterator[str]:
+    import redis
+
+    client = redis.Redis.from_url(f"redis://{REDIS.address}/0", socket_connect_timeout=3)
+    with client:
+        require_server(REDIS, client.ping, (redis.ConnectionError, redis.TimeoutError))
+        prefix = f"taskflow-e2e-{secrets.token_hex(6)}"
+        try:
+            yield prefix
+        finally:
+            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+
+
+@contextlib.contextmanager
+def _postgres_database() -> Iterator[str]:
+    import psycopg
+    from psycopg import sql
+
+    admin: list[psycopg.Connection[Any]] = []
+
+    def connect() -> None:
+        url = f"postgresql://postgres@{POSTGRES.address}/test"
+        admin.append(psycopg.connect(url, autocommit=True, connect_timeout=3))
+
+    require_server(POSTGRES, connect, (psycopg.OperationalError,))
+    name = f"taskflow_e2e_{secrets.token_hex(6)}"
+    with admin[0] as connection:
+        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield name
+        finally:
+            # FORCE ends the connections of servers that a failed test left behind.
+            connection.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
 class ServerFactory:
     """Starts servers for one test and stops those still running when it ends."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, store: dict[str, Any]) -> None:
         self.tmp_path = tmp_path
         self.containers = tmp_path / "containers"
-        self.database = tmp_path / "tasks.db"
+        self.store = store
         self.servers: list[Server] = []
 
     def configure(self, environment: str = "e2e", **sections: Any) -> str:
-        """Write ``<environment>.yaml`` for this test's database and return ``environment``."""
-        write_config(self.containers, environment, self.database, **sections)
+        """Write ``<environment>.yaml`` and return ``environment``.
+
+        The store is this test's store unless ``sections`` has a ``store`` of its own.
+        """
+        store = sections.pop("store", self.store)
+        write_config(self.containers, environment, store, **sections)
         return environment
 
     def start(self, environment: str = "e2e", wait: bool = True, workers: int = 1) -> Server:

@@ -1,4 +1,4 @@
-"""Several server processes on one SQLite file under concurrent requests."""
+"""Several server processes on one store under concurrent requests."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from .support import (
     Server,
     ServerFactory,
+    every_store,
     list_tasks,
     read_lines,
     wait_until,
@@ -60,6 +61,7 @@ def client_pool() -> Iterator[ClientPool]:
         pool.close()
 
 
+@every_store
 def test_idempotency_key_runs_once(servers: ServerFactory, tmp_path: Path) -> None:
     servers.configure()
     instances = [servers.start(), servers.start()]
@@ -87,7 +89,8 @@ def test_idempotency_key_runs_once(servers: ServerFactory, tmp_path: Path) -> No
     assert read_lines(run_file) == list(task_ids)
 
 
-def test_instances_share_one_file(servers: ServerFactory, tmp_path: Path) -> None:
+@every_store
+def test_instances_share_one_store(servers: ServerFactory, tmp_path: Path) -> None:
     servers.configure(runner={"max_concurrency": 20, "sync_workers": 4, "shutdown_grace": 2.0})
     # Started together, so the four processes also race to create the schema.
     instances = [servers.start(wait=False) for _ in range(4)]
@@ -151,6 +154,7 @@ def test_instances_share_one_file(servers: ServerFactory, tmp_path: Path) -> Non
     assert sorted(owners.values()) == [200, 200, 200, 200]
 
 
+@every_store
 def test_workers_share_one_port(servers: ServerFactory, tmp_path: Path) -> None:
     servers.configure(runner={"max_concurrency": 20, "sync_workers": 4, "shutdown_grace": 2.0})
     server = servers.start(workers=2)

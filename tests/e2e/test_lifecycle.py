@@ -7,11 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from .support import ServerFactory, add, get_task, list_tasks, read_lines, wait_for_status
+from .support import (
+    ServerFactory,
+    add,
+    every_store,
+    get_task,
+    list_tasks,
+    read_lines,
+    wait_for_status,
+)
 
 pytestmark = pytest.mark.e2e
 
 
+@every_store
 def test_history_survives_restart(servers: ServerFactory, tmp_path: Path) -> None:
     # One slot, so a task added while the gated one runs is seen PENDING.
     servers.configure(runner={"max_concurrency": 1, "sync_workers": 2, "shutdown_grace": 2.0})
@@ -66,6 +75,7 @@ def test_history_survives_restart(servers: ServerFactory, tmp_path: Path) -> Non
     assert tasks_after == tasks_before
 
 
+@every_store
 def test_arguments_keep_types_across_crash(servers: ServerFactory, tmp_path: Path) -> None:
     servers.configure(runner={"max_concurrency": 1, "sync_workers": 2, "shutdown_grace": 2.0})
     server = servers.start()

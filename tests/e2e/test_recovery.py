@@ -1,4 +1,4 @@
-"""Crash recovery and clean shutdown of real server processes sharing one SQLite file."""
+"""Crash recovery and clean shutdown of real server processes sharing one store."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from .support import (
     ServerFactory,
     add,
     add_records,
+    every_store,
     get_task,
     list_tasks,
     read_lines,
@@ -33,6 +34,7 @@ FAST_LEASES = {
 }
 
 
+@every_store
 @pytest.mark.parametrize("requeue", [False, True], ids=["interrupted", "requeued"])
 def test_crash_runs_pending_once(servers: ServerFactory, tmp_path: Path, requeue: bool) -> None:
     # One slot before the crash, so the 200 tasks wait behind the gated one, and 50 after it.
@@ -83,6 +85,7 @@ def test_crash_runs_pending_once(servers: ServerFactory, tmp_path: Path, requeue
         assert hold["error_type"] == "Interrupted"
 
 
+@every_store
 def test_recovery_takes_over_dead_instance(servers: ServerFactory, tmp_path: Path) -> None:
     servers.configure("doomed", runner={"max_concurrency": 2}, leases=FAST_LEASES)
     servers.configure("survivor", runner={"max_concurrency": 20}, leases=FAST_LEASES)
@@ -129,6 +132,7 @@ def test_recovery_takes_over_dead_instance(servers: ServerFactory, tmp_path: Pat
     assert dead_instance not in {task["owner"] for task in tasks if task["id"] in record_ids}
 
 
+@every_store
 def test_shutdown_hands_back_tasks(servers: ServerFactory, tmp_path: Path) -> None:
     # A lease expiry far beyond the test's waits, so only the release at shutdown can
     # explain the tasks being taken back after the restart.
