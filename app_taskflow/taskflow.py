@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from app_taskflow.context import LogLimits
 from app_taskflow.dispatcher import Dispatcher, DispatcherSettings, new_instance_id
-from app_taskflow.errors import TaskDefinitionError, TaskflowError
+from app_taskflow.errors import (
+    StoreUnavailableError,
+    TaskArgumentError,
+    TaskDefinitionError,
+    TaskflowError,
+)
 from app_taskflow.logfile import TaskLogFile, TaskLogFileOptions
 from app_taskflow.logs import start_stdlib_forwarding, stop_stdlib_forwarding
-from app_taskflow.models import TaskRecord, TaskStatus, new_task_id, utcnow
+from app_taskflow.models import (
+    MAX_TAG_VALUE_CHARS,
+    MAX_TAGS,
+    TAG_KEY_PATTERN,
+    TaskOrigin,
+    TaskRecord,
+    TaskStatus,
+    new_task_id,
+    utcnow,
+)
+from app_taskflow.otel import AttemptTracer, current_trace_parent
 from app_taskflow.runner import Runner
 from app_taskflow.stores.base import TaskStore
 from app_taskflow.tasks import RetryPolicy, TaskDefinition, TaskRegistry, default_task_name
@@ -21,6 +36,7 @@ from app_taskflow.workers import WorkerPool
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from opentelemetry.trace import TracerProvider
 
     from app_taskflow.dashboard.hub import DashboardHub, DashboardSettings
     from app_taskflow.prometheus import PrometheusExporter
@@ -49,6 +65,8 @@ class Taskflow:
         log_file: TaskLogFileOptions | None = None,
         stdlib_logging: bool = False,
         prometheus: bool = False,
+        request_id_header: str | None = "X-Request-ID",
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.registry = TaskRegistry()
         self.default_policy = default_policy or RetryPolicy()
@@ -72,6 +90,10 @@ class Taskflow:
             from app_taskflow.prometheus import PrometheusExporter
 
             self.prometheus = PrometheusExporter()
+        self.request_id_header = request_id_header
+        """The request header whose value a task's ``origin.request_id`` takes; None for none."""
+        self.tracer = AttemptTracer(tracer_provider)
+        """Starts the OpenTelemetry span of each attempt; the global provider by default."""
 
     @overload
     def task(self, func: Callable[P, R], /) -> TaskDefinition[P, R]: ...
@@ -223,7 +245,7 @@ class Taskflow:
             store = self._store_factory()
             await store.open()
             pool = WorkerPool(self.settings.sync_workers)
-            runner = Runner(pool, self.log_limits)
+            runner = Runner(pool, self.log_limits, self.tracer)
             dispatcher = Dispatcher(
                 store, self.registry, runner, self.settings, self.instance_id, self._clock
             )
@@ -285,7 +307,7 @@ class Taskflow:
             dashboard: ``False`` leaves out the dashboard (``<api_prefix>/dashboard``);
                 a ``DashboardSettings`` changes the timings of its event stream.
         """
-        from app_taskflow.api.router import build_router
+        from app_taskflow.api.router import build_router, store_unavailable_response
         from app_taskflow.dashboard.hub import DashboardHub, DashboardSettings
         from app_taskflow.dashboard.router import build_dashboard_router
         from app_taskflow.middleware import TaskflowMiddleware
@@ -301,6 +323,8 @@ class Taskflow:
         if self.prometheus is not None:
             app.include_router(self.prometheus.build_router(self), prefix=self.api_prefix)
         app.include_router(build_router(self), prefix=self.api_prefix)
+        # A route that reads the store during an outage answers 503, not a bare 500.
+        app.add_exception_handler(StoreUnavailableError, store_unavailable_response)
 
     def build_record(
         self,
@@ -308,12 +332,19 @@ class Taskflow:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         idempotency_key: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        origin: TaskOrigin | None = None,
     ) -> TaskRecord:
         """Check a call of task ``func`` and return its new PENDING record, not yet stored.
 
+        The record keeps the OpenTelemetry span context that is current, if any, as its
+        ``trace_parent``.
+
         Raises:
             NotATaskError: ``func`` is not a task of this taskflow.
-            TaskArgumentError: an argument cannot be stored and restored with its type.
+            TaskArgumentError: an argument cannot be stored and restored with its type, or
+                a tag key or value is invalid.
+            TypeError: ``idempotency_key`` or ``tags`` has the wrong type.
         """
         definition = self.registry.resolve(func)
         encoded_args, encoded_kwargs = definition.codec.encode(args, kwargs)
@@ -334,6 +365,9 @@ class Taskflow:
             owner=self.instance_id,
             idempotency_key=idempotency_key,
             requeue_on_interrupt=definition.requeue_on_interrupt,
+            tags=check_tags(tags),
+            origin=origin,
+            trace_parent=current_trace_parent(),
         )
 
     async def add_task(
@@ -342,14 +376,18 @@ class Taskflow:
         /,
         *args: Any,
         idempotency_key: str | None = None,
+        tags: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> str:
         """Store a task and start it now, outside any request (for example from a task).
 
+        Takes ``idempotency_key`` and ``tags`` as ``TaskflowTasks.add_task`` does; the
+        task has no ``origin``.
+
         Returns:
             The task id; with an ``idempotency_key`` already held, the existing task's id.
         """
-        record = self.build_record(func, args, kwargs, idempotency_key)
+        record = self.build_record(func, args, kwargs, idempotency_key, tags)
         [task_id] = await self.store.create([record])
         if task_id == record.id:
             self.dispatcher.timeline.added([record])
@@ -385,3 +423,53 @@ class Taskflow:
             self.dispatcher.timeline.stop_requested(record)
             self.dispatcher.request_cancel(task_id)
         return record
+
+
+def check_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
+    """Return ``tags`` as a new dict after checking them; ``None`` gives an empty dict.
+
+    Raises:
+        TypeError: ``tags`` is not a mapping, or a key or value is not a string.
+        TaskArgumentError: a key does not match ``TAG_KEY_PATTERN``, a value is longer than
+            ``MAX_TAG_VALUE_CHARS``, or there are more than ``MAX_TAGS`` tags.
+    """
+    if tags is None:
+        return {}
+    if not isinstance(tags, Mapping):
+        raise TypeError(
+            f"Invalid tags {tags!r}: expected a dict of strings to strings, such as "
+            '{"user_id": "42"}.'
+        )
+    if len(tags) > MAX_TAGS:
+        raise TaskArgumentError(
+            f"Too many tags: {len(tags)} were given and a task takes at most {MAX_TAGS}."
+        )
+    checked: dict[str, str] = {}
+    for key, value in tags.items():
+        if not isinstance(key, str):
+            raise TypeError(f"Invalid tag key {key!r}: expected a string.")
+        if not TAG_KEY_PATTERN.fullmatch(key):
+            raise TaskArgumentError(
+                f"Invalid tag key {key!r}: a key starts with a letter or underscore, has "
+                "at most 64 characters, and contains only letters, digits and _ . -"
+            )
+        if not isinstance(value, str):
+            raise TypeError(
+                f"Invalid value {value!r} of tag {key!r}: expected a string; convert it "
+                f"first, as in str({value!r})."
+            )
+        if len(value) > MAX_TAG_VALUE_CHARS:
+            raise TaskArgumentError(
+                f"Invalid value of tag {key!r}: it has {len(value)} characters, and a tag "
+                f"value has at most {MAX_TAG_VALUE_CHARS}."
+            )
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise TaskArgumentError(
+                    f"Invalid value {value!r} of tag {key!r}: it contains a lone surrogate, "
+                    "which no store can hold; decode the text with errors='replace'."
+                ) from error
+        checked[key] = value
+    return checked

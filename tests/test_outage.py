@@ -168,3 +168,13 @@ async def test_outage_logs_one_warning_each_way(captured_warnings: list[str]) ->
         assert len(unreachable) == 1
         assert len(reachable) == 1
         assert "3 task(s) were buffered" in reachable[0]
+
+
+async def test_outage_api_read_answers_503() -> None:
+    async for running in start_outage_app("raise"):
+        running.store.down = True
+        response = await running.client.get("/tasks")
+        running.store.down = False
+
+        assert response.status_code == 503
+        assert DOWN_MESSAGE in response.json()["detail"]

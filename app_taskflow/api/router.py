@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from app_taskflow.auth import check_same_origin
 from app_taskflow.errors import TaskNotFoundError, TaskStateError
 from app_taskflow.models import (
+    MAX_TAGS,
     RETRYABLE_STATUSES,
+    TAG_KEY_PATTERN,
     TaskMetrics,
     TaskPage,
     TaskQuery,
@@ -61,6 +64,52 @@ class BulkRetryResult(BaseModel):
 MAX_OFFSET = 1_000_000
 """Largest offset accepted; deeper pages are read with the cursor, which stays fast."""
 
+_TAG_FILTER_HELP = "key:value; keep tasks with this tag. Repeat to require several tags."
+
+
+def parse_tag_filters(filters: list[str] | None) -> dict[str, str] | None:
+    """Return the ``tag`` query parameters (``key:value``) as a dict, or None without any.
+
+    Raises:
+        HTTPException: 422 for a parameter without a colon, with an invalid key, or that
+            gives one key two different values.
+    """
+    if not filters:
+        return None
+    if len(filters) > MAX_TAGS:
+        raise HTTPException(
+            status_code=422,
+            detail=f"Too many tag filters: {len(filters)}; a task has at most {MAX_TAGS} tags.",
+        )
+    tags: dict[str, str] = {}
+    for item in filters:
+        key, separator, value = item.partition(":")
+        if not separator or not TAG_KEY_PATTERN.fullmatch(key):
+            raise HTTPException(
+                status_code=422,
+                detail=(
+                    f"Invalid tag filter {item!r}: write it as key:value, with a key of "
+                    "letters, digits and _ . - that starts with a letter or underscore."
+                ),
+            )
+        if tags.get(key, value) != value:
+            raise HTTPException(
+                status_code=422,
+                detail=(
+                    f"Tag filters {key}:{tags[key]} and {item} cannot both match: "
+                    "a task has one value per tag key."
+                ),
+            )
+        tags[key] = value
+    return tags
+
+
+async def store_unavailable_response(request: Request, error: Exception) -> JSONResponse:
+    """Answer 503 with a JSON body when the store cannot be reached."""
+    return JSONResponse(
+        status_code=503, content={"detail": str(error)}, headers={"Retry-After": "5"}
+    )
+
 
 def build_router(taskflow: Taskflow) -> APIRouter:
     """Return the router of the REST API, bound to ``taskflow``; every route needs its auth."""
@@ -73,6 +122,7 @@ def build_router(taskflow: Taskflow) -> APIRouter:
             list[TaskStatus] | None, Query(description="Keep tasks in these statuses.")
         ] = None,
         name: Annotated[str | None, Query(description="Keep tasks with this name.")] = None,
+        tag: Annotated[list[str] | None, Query(description=_TAG_FILTER_HELP)] = None,
         search: Annotated[
             str | None,
             Query(
@@ -90,6 +140,7 @@ def build_router(taskflow: Taskflow) -> APIRouter:
         query = TaskQuery(
             statuses=status,
             name=name,
+            tags=parse_tag_filters(tag),
             search=search or None,
             order=order,
             limit=limit,
@@ -114,6 +165,7 @@ def build_router(taskflow: Taskflow) -> APIRouter:
             Query(description="FAILED, INTERRUPTED or both (the default); others match none."),
         ] = None,
         name: Annotated[str | None, Query(description="Keep tasks with this name.")] = None,
+        tag: Annotated[list[str] | None, Query(description=_TAG_FILTER_HELP)] = None,
         search: Annotated[
             str | None, Query(max_length=200, description="As in GET /tasks.")
         ] = None,
@@ -122,6 +174,7 @@ def build_router(taskflow: Taskflow) -> APIRouter:
             str | None, Query(description="next_cursor of the previous call.")
         ] = None,
     ) -> BulkRetryResult:
+        tags = parse_tag_filters(tag)
         statuses = [
             retryable
             for retryable in TaskStatus
@@ -134,6 +187,7 @@ def build_router(taskflow: Taskflow) -> APIRouter:
         query = TaskQuery(
             statuses=statuses,
             name=name,
+            tags=tags,
             search=search or None,
             order="oldest",
             limit=limit,
