@@ -240,6 +240,8 @@ class Dispatcher:
                 lambda: self.store.claim(task_id, self.instance_id, self._clock()),
             )
             if record is None:
+                record = await self._claimed_by_lost_reply(task_id)
+            if record is None:
                 return  # Cancelled, finished, or claimed by another instance.
         self._names[record.id] = record.name
         if record.tags:
@@ -254,6 +256,23 @@ class Dispatcher:
                 "Internal error while running task {} [{}]", record.name, record.id
             )
             await self._finish(record, _internal_failure(error, self._clock()))
+
+    async def _claimed_by_lost_reply(self, task_id: str) -> TaskRecord | None:
+        """Return the task if an earlier try of this claim went through unseen.
+
+        When a claim times out on a hung store, the store may still run it later, so the
+        retry finds the task RUNNING under this very instance and refuses it. Such a task
+        runs nowhere else, so this instance runs the attempt it claimed.
+        """
+        current = await self._store_call(f"read task {task_id}", partial(self.store.get, task_id))
+        if (
+            current is not None
+            and current.status is TaskStatus.RUNNING
+            and current.owner == self.instance_id
+            and task_id not in self._contexts
+        ):
+            return current
+        return None
 
     async def _execute(self, record: TaskRecord) -> None:
         definition = self._registry.get(record.name)
