@@ -127,6 +127,7 @@ class Dispatcher:
         self.timeline = TaskTimeline(instance_id)
         self._buffer = TaskBuffer(settings.outage_buffer_size)
         self._buffer_ready = asyncio.Event()
+        self._slot_freed = asyncio.Event()
 
     @property
     def running_count(self) -> int:
@@ -227,6 +228,7 @@ class Dispatcher:
 
     def _on_done(self, task_id: str) -> None:
         self._active.pop(task_id, None)
+        self._slot_freed.set()
         if task_id not in self._timers:
             self._names.pop(task_id, None)
             self._tags.pop(task_id, None)
@@ -399,22 +401,32 @@ class Dispatcher:
         return await self.store.heartbeat(self.instance_id, now, self._lease_end(now))
 
     async def _poll_loop(self) -> None:
+        backlog = False
         while not self._stopping:
-            await asyncio.sleep(self._settings.poll_interval)
+            if backlog:
+                # The last poll filled every free slot, so more ownerless tasks may wait
+                # (after a recovery, thousands): poll again as soon as a slot frees up.
+                await self._slot_freed.wait()
+                self._slot_freed.clear()
+            else:
+                await asyncio.sleep(self._settings.poll_interval)
             await self._flush_logs()
             free = self._settings.max_concurrency - len(self._active) - len(self._queue)
+            backlog = False
             if free <= 0:
                 continue
+            wanted = min(free, 100)
             records = await self._store_call(
                 "claim ownerless tasks",
                 partial(
                     self.store.claim_next,
                     self.instance_id,
                     self._clock(),
-                    min(free, 100),
+                    wanted,
                     self._registry.names(),
                 ),
             )
+            backlog = records is not None and len(records) == wanted
             if records:
                 log.bind(instance_id=self.instance_id).debug(
                     "Claimed {} task(s) that no instance owned", len(records)

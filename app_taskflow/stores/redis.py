@@ -73,6 +73,11 @@ SEARCH_SCAN = 1000
 """Tasks that one round trip of a search reads at most."""
 
 _CONNECT_TIMEOUT = 10.0
+_MAX_CONNECTIONS = 1_000
+"""Connections one store may open. redis-py's default of 100 raises MaxConnectionsError
+once 100 tasks and the requests adding them use the store at once."""
+# NOTE: redis-py's BlockingConnectionPool, which would wait instead, raised errors of its
+# own under pytest (redis 8.2), so the store relies on a pool larger than its concurrency.
 _LISTEN_TIMEOUT = 5.0
 _HEALTH_CHECK_INTERVAL = 15
 _FIRST_RECONNECT_DELAY = 0.1
@@ -116,6 +121,7 @@ class RedisStore(TaskStore):
                 decode_responses=True,
                 socket_connect_timeout=_CONNECT_TIMEOUT,
                 health_check_interval=_HEALTH_CHECK_INTERVAL,
+                max_connections=_MAX_CONNECTIONS,
             )
         except ValueError as error:
             raise ConfigurationError(
