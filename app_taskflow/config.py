@@ -102,6 +102,9 @@ AuthSettings = Annotated[
 SECRET_KEYS = frozenset({"password", "token"})
 """Keys whose values are never parsed as YAML after expansion nor shown in error messages."""
 
+TEXT_KEYS = SECRET_KEYS | {"username"}
+"""Keys whose values stay text after expansion: YAML would read a username 0123 as 83."""
+
 
 class RunnerSettings(_Section):
     """How many tasks run at once and how long they get at shutdown."""
@@ -156,9 +159,16 @@ class RetrySettings(_Section):
 
 
 class ApiSettings(_Section):
-    """Where the REST API is mounted."""
+    """Where the REST API is mounted, and the request header that carries a request id."""
 
     prefix: str = Field(default="/tasks", pattern=r"^/[A-Za-z0-9_\-/]*[A-Za-z0-9_\-]$")
+    request_id_header: str | None = Field(
+        default="X-Request-ID",
+        pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$",
+        description=(
+            "Request header whose value a task records as origin.request_id; null for none."
+        ),
+    )
 
 
 LogLevelName = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
@@ -293,10 +303,10 @@ def parse_settings(data: dict[str, Any], source: str = "configuration") -> Taskf
         raise ConfigurationError(f"Invalid configuration in {source}:\n{problems}") from None
 
 
-def _expand_environment(value: Any, path: Path, secret: bool = False) -> Any:
+def _expand_environment(value: Any, path: Path, keep_text: bool = False) -> Any:
     if isinstance(value, dict):
         return {
-            key: _expand_environment(item, path, secret=key in SECRET_KEYS)
+            key: _expand_environment(item, path, keep_text=key in TEXT_KEYS)
             for key, item in value.items()
         }
     if isinstance(value, list):
@@ -318,7 +328,7 @@ def _expand_environment(value: Any, path: Path, secret: bool = False) -> Any:
         )
 
     expanded = _ENV_REFERENCE.sub(replace, value)
-    if secret:
+    if keep_text:
         # A password such as 0777 must stay text: YAML would read it as the number 511.
         return expanded
     if expanded != value:

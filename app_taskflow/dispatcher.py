@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -386,12 +387,27 @@ class Dispatcher:
             cancel_ids = await self._store_call("renew the lease", self._renew_lease)
             for task_id in cancel_ids or []:
                 self.request_cancel(task_id)
+            if self._other_instances_may_lag():
+                continue
             report = await self._store_call(
                 "recover tasks of expired instances",
                 lambda: self.store.recover_expired(self._clock()),
             )
             if report is not None:
                 self._log_recovery(report)
+
+    def _other_instances_may_lag(self) -> bool:
+        """Return whether other instances may not have renewed their leases since an outage.
+
+        After an outage longer than the lease expiry, every lease in the store has expired.
+        The other instances renew theirs within one backoff step plus a heartbeat of the
+        store's return; recovering before then would interrupt their running tasks.
+        """
+        back_since = self.health.back_since
+        if back_since is None:
+            return False
+        wait = _MAX_BACKOFF + self._settings.heartbeat_interval
+        return time.monotonic() - back_since < wait
 
     async def _renew_lease(self) -> list[str]:
         # The lease end is computed at each try: a try that succeeds after an outage longer

@@ -27,6 +27,8 @@ class StoreHealth:
         self._failures = 0
         self._first_error = ""
         self.buffered_during_outage = 0
+        self.back_since: float | None = None
+        """When the store last answered again after an outage (``time.monotonic()``)."""
 
     @property
     def is_down(self) -> bool:
@@ -64,6 +66,7 @@ class StoreHealth:
         self._down_since = None
         self._failures = 0
         self.buffered_during_outage = 0
+        self.back_since = time.monotonic()
 
 
 class TaskBuffer:
