@@ -1,0 +1,1 @@
+"""Benchmarks of app-taskflow against plain FastAPI ``BackgroundTasks``."""
