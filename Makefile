@@ -19,8 +19,8 @@ test: $(VENV)/.installed-all
 	$(BIN)/python -m pytest
 
 # Benchmarks against plain BackgroundTasks (docs/benchmarks.md). They use Redis and
-# PostgreSQL on 127.0.0.1 when those answer. `make bench` takes about 15 minutes on two
-# cores; `make bench-quick` only checks that every benchmark still runs.
+# PostgreSQL on 127.0.0.1 when those are reachable. `make bench` took 10 to 12 minutes on
+# two cores; `make bench-quick` (about a minute) only checks that every benchmark still runs.
 bench: $(VENV)/.installed-all
 	$(BIN)/python -m benchmarks
 

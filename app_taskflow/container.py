@@ -138,6 +138,7 @@ class TaskflowContainer(containers.DeclarativeContainer):
         log_file=log_file,
         stdlib_logging=config.logging.stdlib,
         prometheus=config.metrics.prometheus,
+        request_id_header=config.api.request_id_header,
     )
 
     @classmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio.from_thread
@@ -31,6 +31,7 @@ class TaskflowTasks:
         /,
         *args: Any,
         idempotency_key: str | None = None,
+        tags: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> str:
         """Add a call of task ``func`` and return its id (a UUID string).
@@ -39,12 +40,23 @@ class TaskflowTasks:
         added and that task's id is returned. A keyed call reads the store at once, so in
         an ``async def`` route it needs ``await add_task_async(...)`` instead.
 
+        ``tags`` are labels stored with the task, shown in its log lines and the dashboard,
+        and filtered on by ``GET /tasks?tag=key:value``: at most 20, each key matching
+        ``[A-Za-z_][A-Za-z0-9_.-]{0,63}`` and each value a string of at most 256
+        characters. The task also records the request's method, path and request id
+        header as its ``origin``. ``idempotency_key`` and ``tags`` are keywords of
+        ``add_task`` itself, so they never reach ``func``.
+
         Raises:
             NotATaskError: ``func`` is not decorated with ``@taskflow.task()``.
-            TaskArgumentError: an argument cannot be stored and restored with its type.
+            TaskArgumentError: an argument cannot be stored and restored with its type, or
+                a tag is invalid.
+            TypeError: ``idempotency_key`` or ``tags`` has the wrong type.
             IdempotencyConflictError: the key is held by a call with other arguments.
         """
-        record = self._taskflow.build_record(func, args, kwargs, idempotency_key)
+        record = self._taskflow.build_record(
+            func, args, kwargs, idempotency_key, tags, self._tasks.origin
+        )
         if idempotency_key is None:
             self._tasks.add(record)
             return record.id
@@ -64,13 +76,16 @@ class TaskflowTasks:
         /,
         *args: Any,
         idempotency_key: str | None = None,
+        tags: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> str:
         """Store a call of task ``func`` now and return its id; it runs after the response.
 
         Takes the same arguments and raises the same errors as ``add_task``.
         """
-        record = self._taskflow.build_record(func, args, kwargs, idempotency_key)
+        record = self._taskflow.build_record(
+            func, args, kwargs, idempotency_key, tags, self._tasks.origin
+        )
         return await self._tasks.add_now(record)
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 from collections.abc import Mapping
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -25,7 +26,11 @@ STDLIB_LOGGER_NAME = "app_taskflow"
 """The standard ``logging`` logger that receives the library's lines when forwarding is on."""
 
 TASK_FIELDS = frozenset({"component", "task_id", "task_name", "attempt", "instance_id", "event"})
-"""Fields the library binds itself; a ``task_log()`` extra of the same name is renamed."""
+"""Fields the library binds itself; a ``task_log()`` extra of the same name, or one that
+starts with ``TAG_FIELD_PREFIX``, is renamed with an ``extra_`` prefix."""
+
+TAG_FIELD_PREFIX = "tag."
+"""Start of the bound field of each task tag: tag ``user_id`` is bound as ``tag.user_id``."""
 
 _MAX_DEPTH = 10
 """Nesting depth of an extra value past which the rest is stored as its repr."""
@@ -34,6 +39,10 @@ _MAX_DEPTH = 10
 # configuration sets one (logging.file, logging.stdlib), and removes it at shutdown.
 log = logger.bind(component=COMPONENT)
 
+_task_tags: ContextVar[Mapping[str, str] | None] = ContextVar(
+    "app_taskflow_task_tags", default=None
+)
+
 
 def bind_task(
     task_id: str,
@@ -41,6 +50,7 @@ def bind_task(
     *,
     attempt: int | None = None,
     instance_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
     **fields: Any,
 ) -> Logger:
     """Return the library's logger with the fields of one task bound to every line.
@@ -51,6 +61,7 @@ def bind_task(
         attempt: number of the attempt the line is about, from 1.
         instance_id: id of the app instance that writes the line; a task log file sink
             keeps only the lines of its own instance.
+        tags: the task's tags, each bound as ``tag.<key>``.
         **fields: more fields, such as ``event`` or ``duration`` on lifecycle lines.
     """
     bound: dict[str, Any] = {"task_id": task_id}
@@ -60,9 +71,25 @@ def bind_task(
         bound["attempt"] = attempt
     if instance_id is not None:
         bound["instance_id"] = instance_id
-    # Fields every line of a task carries are bound here, and only here: tags go here too,
-    # once tasks have them.
-    return log.bind(**bound, **fields)
+    # Fields every line of a task carries are bound here, and only here.
+    bound.update(fields)
+    if tags:
+        bound.update({TAG_FIELD_PREFIX + key: value for key, value in tags.items()})
+    return log.bind(**bound)
+
+
+def set_task_tags(tags: Mapping[str, str]) -> Token[Mapping[str, str] | None]:
+    """Make ``tags`` the tags that ``task_log()`` binds in this context; the runner calls it.
+
+    Returns:
+        The token that ``reset_task_tags`` takes to restore the tags set before.
+    """
+    return _task_tags.set(tags)
+
+
+def reset_task_tags(token: Token[Mapping[str, str] | None]) -> None:
+    """Restore the tags that were set before ``set_task_tags`` returned ``token``."""
+    _task_tags.reset(token)
 
 
 def task_log(message: str, level: str = "info", **extra: Any) -> None:
@@ -111,13 +138,15 @@ def task_log(message: str, level: str = "info", **extra: Any) -> None:
     )
     if not context.add_log(entry):
         return
+    # Bound separately, so that an extra named like a parameter of bind_task (tags, say)
+    # stays an extra.
     bound = bind_task(
         context.task_id,
         context.task_name,
         attempt=context.attempt,
         instance_id=context.instance_id,
-        **_unreserved(fields),
-    )
+        tags=_task_tags.get(),
+    ).bind(**_unreserved(fields))
     bound.opt(depth=1).log(
         level_name, "{} [{}] {}", context.task_name, context.task_id, entry.message
     )
@@ -133,6 +162,7 @@ def close_task_log(context: TaskContext) -> None:
         context.task_name,
         attempt=context.attempt,
         instance_id=context.instance_id,
+        tags=_task_tags.get(),
         **entry.extra,
     ).warning("{} [{}] {}", context.task_name, context.task_id, entry.message)
 
@@ -195,7 +225,10 @@ def _safe_repr(value: Any) -> str:
 
 
 def _unreserved(fields: Mapping[str, Any]) -> dict[str, Any]:
-    return {f"extra_{key}" if key in TASK_FIELDS else key: value for key, value in fields.items()}
+    return {
+        f"extra_{key}" if key in TASK_FIELDS or key.startswith(TAG_FIELD_PREFIX) else key: value
+        for key, value in fields.items()
+    }
 
 
 def is_library_record(record: Record) -> bool:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app_taskflow.errors import NotInstalledError, StoreUnavailableError
-from app_taskflow.logs import log
-from app_taskflow.models import TaskRecord
+from app_taskflow.logs import bind_task, log
+from app_taskflow.models import TaskOrigin, TaskRecord
 from app_taskflow.outage import is_unavailable
 
 if TYPE_CHECKING:
@@ -17,14 +18,34 @@ if TYPE_CHECKING:
 
 SCOPE_KEY = "app_taskflow.request_tasks"
 
+MAX_REQUEST_ID_CHARS = 200
+"""Characters of a request id header kept in a task's origin; the rest is cut."""
+
 
 class RequestTasks:
     """The tasks one request added: stored before its response, run after it."""
 
-    def __init__(self, taskflow: Taskflow) -> None:
+    def __init__(self, taskflow: Taskflow, scope: Scope | None = None) -> None:
         self.taskflow = taskflow
+        self._scope = scope
         self._unsaved: list[TaskRecord] = []
-        self._saved: list[tuple[str, str]] = []
+        self._saved: list[TaskRecord] = []
+
+    @cached_property
+    def origin(self) -> TaskOrigin | None:
+        """The request's method, path and request id header, as its tasks record them."""
+        scope = self._scope
+        if scope is None:
+            return None
+        request_id = None
+        header = self.taskflow.request_id_header
+        if header is not None:
+            name = header.lower().encode("latin-1")
+            for key, value in scope.get("headers", ()):
+                if key == name:
+                    request_id = value.decode("latin-1")[:MAX_REQUEST_ID_CHARS]
+                    break
+        return TaskOrigin(method=scope.get("method", ""), path=scope["path"], request_id=request_id)
 
     def add(self, record: TaskRecord) -> None:
         """Keep a new task until the response starts. Safe from the route's thread."""
@@ -35,7 +56,7 @@ class RequestTasks:
         [task_id] = await self.taskflow.store.create([record])
         if task_id == record.id:
             self.taskflow.dispatcher.timeline.added([record])
-            self._saved.append((task_id, record.name))
+            self._saved.append(record)
         return task_id
 
     async def save(self) -> None:
@@ -66,32 +87,32 @@ class RequestTasks:
                 ) from error
         else:
             self.taskflow.dispatcher.timeline.added(records)
-            self._saved.extend((record.id, record.name) for record in records)
+            self._saved.extend(records)
         # Removed only once stored or buffered, so that discard() reports a failed write.
         del self._unsaved[: len(records)]
 
     def start(self) -> None:
         """Hand the stored tasks to the dispatcher."""
         dispatcher = self.taskflow.dispatcher
-        for task_id, name in self._saved:
-            dispatcher.submit(task_id, name)
+        for record in self._saved:
+            dispatcher.submit(record.id, record.name)
         self._saved.clear()
 
     async def discard(self, reason: str) -> None:
         """Drop the tasks of a failed request; cancel those already stored."""
         for record in self._unsaved:
-            log.bind(task_id=record.id, task_name=record.name).warning(
+            bind_task(record.id, record.name, tags=record.tags).warning(
                 "Task {} [{}] was not stored or run: {}", record.name, record.id, reason
             )
         self._unsaved.clear()
-        for task_id, name in self._saved:
-            log.bind(task_id=task_id, task_name=name).warning(
-                "Task {} [{}] cancelled before it ran: {}", name, task_id, reason
+        for record in self._saved:
+            bind_task(record.id, record.name, tags=record.tags).warning(
+                "Task {} [{}] cancelled before it ran: {}", record.name, record.id, reason
             )
             try:
-                await self.taskflow.store.cancel(task_id, self.taskflow.now())
+                await self.taskflow.store.cancel(record.id, self.taskflow.now())
             except Exception as error:
-                log.opt(exception=error).error("Could not cancel discarded task {}", task_id)
+                log.opt(exception=error).error("Could not cancel discarded task {}", record.id)
         self._saved.clear()
 
 
@@ -128,7 +149,7 @@ class TaskflowMiddleware:
             await self.app(scope, receive, send)
             return
 
-        tasks = RequestTasks(self.taskflow)
+        tasks = RequestTasks(self.taskflow, scope)
         scope[SCOPE_KEY] = tasks
         status: int | None = None
 

@@ -24,8 +24,10 @@ class TaskflowRoute(APIRoute):
     ``@taskflow.task()`` moves from the response's ``BackgroundTasks`` to app-taskflow, with
     retries, logs and history. Other background functions run as before.
 
-    NOTE: this path returns no task id to the route, and supports no idempotency key.
-    Use ``TaskflowTasks`` where those are needed.
+    NOTE: this path returns no task id to the route, and supports no idempotency key and
+    no tags: a ``tags=`` keyword here reaches the task function as an argument. Use
+    ``TaskflowTasks`` where those are needed. Each task still records the request as its
+    ``origin``.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -53,7 +55,10 @@ def _adopt(request: Request, background_tasks: list[BackgroundTask]) -> list[Bac
             continue
         tasks = request_tasks(request.scope)
         record = tasks.taskflow.build_record(
-            background_task.func, background_task.args, background_task.kwargs
+            background_task.func,
+            background_task.args,
+            background_task.kwargs,
+            origin=tasks.origin,
         )
         tasks.add(record)
     return remaining

@@ -12,8 +12,9 @@ from time import perf_counter
 from typing import Any
 
 from app_taskflow.context import LogLimits, TaskContext, set_current_task
-from app_taskflow.logs import close_task_log
+from app_taskflow.logs import close_task_log, reset_task_tags, set_task_tags
 from app_taskflow.models import AttemptOutcome, TaskRecord, TaskStatus
+from app_taskflow.otel import AttemptTracer, end_attempt_span
 from app_taskflow.tasks import TaskDefinition
 from app_taskflow.workers import WorkerPool
 
@@ -36,11 +37,20 @@ class AttemptResult:
 
 
 class Runner:
-    """Runs attempts: async functions on the event loop, sync ones in the worker pool."""
+    """Runs attempts: async functions on the event loop, sync ones in the worker pool.
 
-    def __init__(self, pool: WorkerPool, log_limits: LogLimits | None = None) -> None:
+    Each attempt runs in the span that ``tracer`` starts, when OpenTelemetry is set up.
+    """
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        log_limits: LogLimits | None = None,
+        tracer: AttemptTracer | None = None,
+    ) -> None:
         self._pool = pool
         self._log_limits = log_limits or LogLimits()
+        self._tracer = tracer or AttemptTracer()
 
     async def run(
         self, definition: TaskDefinition[Any, Any], record: TaskRecord, context: TaskContext
@@ -55,10 +65,18 @@ class Runner:
         counting the entries of earlier attempts listed in the claimed record's ``logs``.
         """
         context.limit_logs(self._log_limits, stored=len(record.logs))
+        # Set in this coroutine's context, which the worker pool copies for a sync function.
+        tags_token = set_task_tags(record.tags)
         try:
-            return await self._run(definition, record, context)
+            with self._tracer.span(record) as span:
+                try:
+                    result = await self._run(definition, record, context)
+                finally:
+                    close_task_log(context)
+                end_attempt_span(span, result.error, result.cancelled)
+                return result
         finally:
-            close_task_log(context)
+            reset_task_tags(tags_token)
 
     async def _run(
         self, definition: TaskDefinition[Any, Any], record: TaskRecord, context: TaskContext

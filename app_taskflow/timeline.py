@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -77,7 +77,7 @@ class TaskTimeline:
     def added(self, records: Iterable[TaskRecord]) -> None:
         """Log tasks just written to the store as PENDING."""
         for record in records:
-            bound = self._bind(record.id, record.name, event="added")
+            bound = self._bind_record(record, event="added")
             bound.info("{} [{}] added", record.name, record.id)
             bound.opt(lazy=True).debug(
                 "{} [{}] arguments: {}",
@@ -89,7 +89,7 @@ class TaskTimeline:
 
     def started(self, record: TaskRecord) -> None:
         """Log the start of an attempt of a claimed task."""
-        self._bind(record.id, record.name, attempt=record.attempts, event="started").info(
+        self._bind_record(record, attempt=record.attempts, event="started").info(
             "{} [{}] started attempt {}/{}",
             record.name,
             record.id,
@@ -104,9 +104,8 @@ class TaskTimeline:
 
     def retrying(self, record: TaskRecord, outcome: AttemptOutcome, delay: float) -> None:
         """Log a failed attempt that another attempt follows after ``delay`` seconds."""
-        self._bind(
-            record.id,
-            record.name,
+        self._bind_record(
+            record,
             attempt=record.attempts,
             event="retrying",
             error_type=outcome.error_type,
@@ -125,9 +124,8 @@ class TaskTimeline:
 
     def succeeded(self, record: TaskRecord, outcome: AttemptOutcome) -> None:
         """Log an attempt that returned, ending the task as SUCCESS."""
-        self._bind(
-            record.id,
-            record.name,
+        self._bind_record(
+            record,
             attempt=record.attempts,
             event="succeeded",
             duration=round(outcome.duration, 6),
@@ -139,9 +137,8 @@ class TaskTimeline:
         retry_note = ""
         if record.attempts < record.max_attempts:
             retry_note = " (this exception type is not retried)"
-        self._bind(
-            record.id,
-            record.name,
+        self._bind_record(
+            record,
             attempt=record.attempts,
             event="failed",
             error_type=outcome.error_type,
@@ -161,9 +158,8 @@ class TaskTimeline:
 
     def not_registered(self, record: TaskRecord, message: str) -> None:
         """Log a claimed task that fails at once because no task of its name is registered."""
-        self._bind(
-            record.id,
-            record.name,
+        self._bind_record(
+            record,
             attempt=record.attempts,
             event="failed",
             error_type="app_taskflow.errors.TaskDefinitionError",
@@ -183,14 +179,13 @@ class TaskTimeline:
         """Log a cancelled task: before it ran when ``outcome`` is None, else during it."""
         if outcome is None:
             waited_for = "it ran" if record.attempts == 0 else f"attempt {record.attempts + 1}"
-            self._bind(record.id, record.name, event="cancelled").info(
+            self._bind_record(record, event="cancelled").info(
                 "{} [{}] cancelled before {}", record.name, record.id, waited_for
             )
             self._notify(TaskTransition("cancelled", record.id, record.name, self.instance_id))
             return
-        self._bind(
-            record.id,
-            record.name,
+        self._bind_record(
+            record,
             attempt=record.attempts,
             event="cancelled",
             duration=round(outcome.duration, 6),
@@ -206,13 +201,13 @@ class TaskTimeline:
 
     def stop_requested(self, record: TaskRecord) -> None:
         """Log a cancel request sent to a running task."""
-        self._bind(record.id, record.name, event="stop_requested").info(
+        self._bind_record(record, event="stop_requested").info(
             "{} [{}] asked to stop", record.name, record.id
         )
 
     def queued_by_request(self, record: TaskRecord) -> None:
         """Log a FAILED or INTERRUPTED task queued again through the API."""
-        self._bind(record.id, record.name, event="queued").info(
+        self._bind_record(record, event="queued").info(
             "{} [{}] queued again by request, attempt {} next",
             record.name,
             record.id,
@@ -221,9 +216,7 @@ class TaskTimeline:
 
     def result_discarded(self, record: TaskRecord, outcome: AttemptOutcome) -> None:
         """Log an attempt whose result was not stored because another instance took over."""
-        self._bind(
-            record.id, record.name, attempt=record.attempts, event="result_discarded"
-        ).warning(
+        self._bind_record(record, attempt=record.attempts, event="result_discarded").warning(
             "{} [{}] attempt {}/{} ended as {}, but another instance took the task over "
             "after this instance's lease expired; the result is not stored",
             record.name,
@@ -255,11 +248,16 @@ class TaskTimeline:
         interrupted: Iterable[str],
         requeued: Iterable[str],
         released: Iterable[str],
+        tags: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
-        """Log the tasks this instance handed back to the store at shutdown."""
+        """Log the tasks this instance handed back to the store at shutdown.
+
+        ``names`` and ``tags`` map task ids to the names and tags this instance has of them.
+        """
+        tags = tags or {}
         for task_id in interrupted:
             name = names.get(task_id)
-            self._bind(task_id, name, event="interrupted").warning(
+            self._bind(task_id, name, tags=tags.get(task_id), event="interrupted").warning(
                 "{} left unfinished at shutdown: INTERRUPTED", _prefix(name, task_id)
             )
             self._notify(TaskTransition("interrupted", task_id, name, self.instance_id))
@@ -269,12 +267,17 @@ class TaskTimeline:
         ):
             for task_id in task_ids:
                 name = names.get(task_id)
-                self._bind(task_id, name, event=event).info(
+                self._bind(task_id, name, tags=tags.get(task_id), event=event).info(
                     "{} left unfinished at shutdown: {}", _prefix(name, task_id), status
                 )
 
     def _bind(self, task_id: str, task_name: str | None = None, **fields: Any) -> Logger:
         return bind_task(task_id, task_name, instance_id=self.instance_id, **fields)
+
+    def _bind_record(self, record: TaskRecord, **fields: Any) -> Logger:
+        return bind_task(
+            record.id, record.name, instance_id=self.instance_id, tags=record.tags, **fields
+        )
 
     def _notify_ended(
         self, event: TransitionEvent, record: TaskRecord, outcome: AttemptOutcome

@@ -56,7 +56,10 @@ class TaskStore(ABC):
 
         Args:
             records: new tasks, each with a fresh id, status ``PENDING`` and ``owner`` set
-                to the instance that will run it (or ``None`` for any instance).
+                to the instance that will run it (or ``None`` for any instance). Their
+                ``tags``, ``origin`` and ``trace_parent`` never change afterwards. Every
+                method that returns a ``TaskRecord`` returns them, and summaries carry
+                the ``tags``.
 
         Returns:
             One id per record: the record's own id, or, when the record carries an
@@ -81,7 +84,8 @@ class TaskStore(ABC):
         """Return one page of tasks matching ``query``, in the order it asks for.
 
         Tasks are ordered by ``created_at`` and then by id (both descending for
-        ``newest``), so pages never overlap. ``search`` matches as ``TaskQuery`` says.
+        ``newest``), so pages never overlap. ``search`` matches as ``TaskQuery`` says, and
+        ``tags`` keeps the tasks whose ``tags`` contain every key with the value given.
         With ``cursor``, the page starts after the task it names and ``offset`` is
         ignored (the page reports offset 0). ``next_cursor`` is set when ``has_more`` is.
 

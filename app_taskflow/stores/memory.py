@@ -81,6 +81,7 @@ class MemoryStore(TaskStore):
             for record in self._tasks.values()
             if (query.statuses is None or record.status in query.statuses)
             and (query.name is None or record.name == query.name)
+            and (not query.tags or _has_tags(record, query.tags))
             and (search is None or _mentions(record, search))
             and (after is None or _is_after(record, after, newest_first))
         ]
@@ -269,9 +270,9 @@ class MemoryStore(TaskStore):
 def _copy(record: TaskRecord) -> TaskRecord:
     """Return a copy that shares no mutable part with ``record``.
 
-    Cheaper than ``model_copy(deep=True)``: args and kwargs are JSON values that neither the
-    store nor its callers change in place, so only the lists and models that the store
-    changes later are copied.
+    Cheaper than ``model_copy(deep=True)``: args, kwargs, tags and origin are values that
+    neither the store nor its callers change in place, so only the lists and models that the
+    store changes later are copied.
     """
     return record.model_copy(
         update={
@@ -292,6 +293,10 @@ def _mentions(record: TaskRecord, folded_text: str) -> bool:
         *(entry.message for entry in record.logs),
     ]
     return any(folded_text in haystack.casefold() for haystack in haystacks)
+
+
+def _has_tags(record: TaskRecord, tags: dict[str, str]) -> bool:
+    return all(record.tags.get(key) == value for key, value in tags.items())
 
 
 def _is_after(record: TaskRecord, cursor: tuple[datetime, str], newest_first: bool) -> bool:

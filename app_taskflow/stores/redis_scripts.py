@@ -56,6 +56,9 @@ _POSITION_DIGITS = 18
 
 _FLAGS = ("requeue_on_interrupt", "cancel_requested")
 _DATETIMES = ("created_at", "scheduled_at", "started_at", "finished_at")
+_JSON_FIELDS = ("args", "kwargs", "tags", "origin")
+_DETAIL_FIELDS = ("traceback", "origin", "trace_parent")
+"""Hash fields of a task's record that its summary leaves out."""
 
 
 @cache
@@ -159,7 +162,7 @@ def log_arguments(entries: Sequence[LogEntry]) -> list[str]:
 def decode_record(text: str) -> TaskRecord:
     """Return the task of a reply made by ``record_reply`` in ``common.lua``."""
     reply = json.loads(text)
-    data = _decode_fields(reply["task"], (*SUMMARY_FIELDS, "traceback"))
+    data = _decode_fields(reply["task"], (*SUMMARY_FIELDS, *_DETAIL_FIELDS))
     data["attempt_history"] = [_decode_attempt(attempt) for attempt in reply["attempts"]]
     data["logs"] = reply["logs"]
     return TaskRecord.model_validate(data)
@@ -209,10 +212,22 @@ def _hash_fields(record: TaskRecord) -> dict[str, str]:
         fields[name] = "1" if getattr(record, name) else "0"
     if record.duration is not None:
         fields["duration"] = repr(record.duration)
-    for name in ("error_type", "error_message", "owner", "idempotency_key", "traceback"):
+    for name in (
+        "error_type",
+        "error_message",
+        "owner",
+        "idempotency_key",
+        "traceback",
+        "trace_parent",
+    ):
         text: str | None = getattr(record, name)
         if text is not None:
             fields[name] = text
+    # Read by update_indexes in common.lua, which keeps a position set per tag.
+    if record.tags:
+        fields["tags"] = json.dumps(record.tags, ensure_ascii=False)
+    if record.origin is not None:
+        fields["origin"] = record.origin.model_dump_json()
     return fields
 
 
@@ -222,7 +237,7 @@ def _decode_fields(fields: Mapping[str, str], names: Iterable[str]) -> dict[str,
         value = fields.get(name)
         if value is None:
             continue
-        if name in ("args", "kwargs"):
+        if name in _JSON_FIELDS:
             data[name] = json.loads(value)
         elif name in _DATETIMES:
             data[name] = from_micros(value)

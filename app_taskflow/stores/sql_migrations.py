@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from sqlalchemy import (
@@ -194,9 +195,45 @@ def _add_page_indexes_and_change_feed(connection: Connection) -> None:
         connection.exec_driver_sql(statement)
 
 
+# The tags table as migration 3 creates it; taskflow_tasks is named only for the foreign key.
+_VERSION_3 = MetaData()
+Table("taskflow_tasks", _VERSION_3, Column("id", String, primary_key=True))
+_TAGS_V3 = Table(
+    "taskflow_tags",
+    _VERSION_3,
+    Column("task_id", String, ForeignKey("taskflow_tasks.id"), primary_key=True),
+    Column("key", String, primary_key=True),
+    Column("value", String, nullable=False),
+    Column("created_at", _TIMESTAMP, nullable=False),
+    Index("ix_taskflow_tags_key_value_created_at_task_id", "key", "value", "created_at", "task_id"),
+)
+
+_BACKFILL_BATCH = 1000
+
+
+def _add_tags_table(connection: Connection) -> None:
+    """Create ``taskflow_tags`` and fill it from the ``tags`` column of existing tasks."""
+    _VERSION_3.create_all(connection, tables=[_TAGS_V3])
+    tagged = connection.execute(text("SELECT id, tags FROM taskflow_tasks WHERE tags <> '{}'"))
+    # created_at is copied in SQL, so that it keeps the exact form the store wrote.
+    copy = text(
+        "INSERT INTO taskflow_tags (task_id, key, value, created_at)"
+        " SELECT id, :key, :value, created_at FROM taskflow_tasks WHERE id = :task_id"
+    )
+    while batch := tagged.fetchmany(_BACKFILL_BATCH):
+        rows = [
+            {"task_id": task_id, "key": key, "value": value}
+            for task_id, tags in batch
+            for key, value in json.loads(tags).items()
+        ]
+        if rows:
+            connection.execute(copy, rows)
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _create_version_1_tables,
     _add_page_indexes_and_change_feed,
+    _add_tags_table,
 )
 """Schema migrations in order: ``MIGRATIONS[n]`` takes the schema from version n to n + 1."""
 

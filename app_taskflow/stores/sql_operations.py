@@ -50,17 +50,20 @@ from app_taskflow.stores.sql_schema import (
     HOLDS_IDEMPOTENCY_KEY,
     LOG_TABLE,
     OWNERLESS_PENDING,
+    TAG_TABLE,
     TASK_COLUMNS,
     TASK_TABLE,
     AttemptRow,
     LeaseRow,
     LogRow,
+    TagRow,
     TaskRow,
     UtcDateTime,
     attempt_from_mapping,
     log_values,
     record_from_mapping,
     record_from_row,
+    tag_values,
     task_values,
 )
 from app_taskflow.stores.sql_watch import write_changes
@@ -120,13 +123,19 @@ def create(
 
 
 def _insert_new_tasks(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
-    """Insert task rows, skipping those whose idempotency key is held; return ids inserted.
+    """Insert task rows and their tags, skipping rows whose idempotency key is held.
+
+    Returns the ids of the tasks inserted.
 
     The database checks the key as it inserts, so that of two transactions that insert one
     key at once, one inserts it and the other skips it once the first has committed.
     """
     statement = _INSERT_NEW_TASKS[session.get_bind().dialect.name]
-    return set(session.execute(statement, rows).scalars())
+    inserted = set(session.execute(statement, rows).scalars())
+    tags = tag_values(row for row in rows if row["id"] in inserted)
+    if tags:
+        session.execute(_INSERT_TAGS, tags)
+    return inserted
 
 
 def _use_key(session: Session, record: TaskRecord, row: dict[str, Any]) -> str:
@@ -317,6 +326,7 @@ def prune(session: Session, now: datetime, max_age: float | None, max_count: int
     ids = list(doomed)
     session.execute(delete(LogRow).where(col(LogRow.task_id).in_(ids)))
     session.execute(delete(AttemptRow).where(col(AttemptRow.task_id).in_(ids)))
+    session.execute(delete(TagRow).where(col(TagRow.task_id).in_(ids)))
     session.execute(delete(TaskRow).where(col(TaskRow.id).in_(ids)))
     return len(ids)
 
@@ -396,6 +406,7 @@ _INSERT_NEW_TASKS: dict[str, ReturningInsert[tuple[str]]] = {
 }
 _INSERT_ATTEMPTS = insert(ATTEMPT_TABLE)
 _INSERT_LOGS = insert(LOG_TABLE)
+_INSERT_TAGS = insert(TAG_TABLE)
 
 
 def _records_started(

@@ -170,6 +170,26 @@ class LogRow(TaskflowTable, table=True):
     extra: str = Field(sa_type=Text)
 
 
+class TagRow(TaskflowTable, table=True):
+    """One tag of a task, a copy of one item of the task's ``tags`` column for filtering.
+
+    The row repeats the task's ``created_at``, so that the index reads the tasks of one tag
+    in page order. Tags never change after a task is created.
+    """
+
+    __tablename__ = "taskflow_tags"
+    __table_args__ = (
+        Index(
+            "ix_taskflow_tags_key_value_created_at_task_id", "key", "value", "created_at", "task_id"
+        ),
+    )
+
+    task_id: str = Field(foreign_key="taskflow_tasks.id", primary_key=True)
+    key: str = Field(primary_key=True)
+    value: str
+    created_at: datetime = Field(sa_type=UtcDateTime)
+
+
 class LeaseRow(TaskflowTable, table=True):
     """The lease of one app instance, renewed by its heartbeat."""
 
@@ -217,6 +237,9 @@ CHANGE_TABLE = TaskflowTable.metadata.tables["taskflow_changes"]
 ATTEMPT_TABLE = TaskflowTable.metadata.tables["taskflow_attempts"]
 """The table of ``AttemptRow``, for statements that bypass the ORM."""
 
+TAG_TABLE = TaskflowTable.metadata.tables["taskflow_tags"]
+"""The table of ``TagRow``, for statements that bypass the ORM."""
+
 _TASK_FIELDS = tuple(
     name for name in TaskRecord.model_fields if name not in ("logs", "attempt_history")
 )
@@ -238,6 +261,16 @@ def task_values(record: TaskRecord) -> dict[str, Any]:
     values["tags"] = json.dumps(record.tags, ensure_ascii=False)
     values["origin"] = None if record.origin is None else record.origin.model_dump_json()
     return values
+
+
+def tag_values(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Return the ``TagRow`` values of task rows made by ``task_values``."""
+    return [
+        {"task_id": row["id"], "key": key, "value": value, "created_at": row["created_at"]}
+        for row in rows
+        if row["tags"] != "{}"
+        for key, value in json.loads(row["tags"]).items()
+    ]
 
 
 def record_from_row(

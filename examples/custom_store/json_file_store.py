@@ -163,6 +163,7 @@ class JsonFileStore(TaskStore):
             for record in self._tasks.values()
             if (query.statuses is None or record.status in query.statuses)
             and (query.name is None or record.name == query.name)
+            and (not query.tags or _has_tags(record, query.tags))
             and (text is None or _mentions(record, text))
         ]
         matching.sort(key=_position, reverse=newest_first)
@@ -452,6 +453,11 @@ def _is_claimable(record: TaskRecord, now: datetime) -> bool:
         and not record.cancel_requested
         and (record.scheduled_at is None or record.scheduled_at <= now)
     )
+
+
+def _has_tags(record: TaskRecord, tags: dict[str, str]) -> bool:
+    """Return whether the task carries every one of ``tags``."""
+    return all(record.tags.get(key) == value for key, value in tags.items())
 
 
 def _mentions(record: TaskRecord, folded_text: str) -> bool:

@@ -464,6 +464,20 @@ function field(label, value, { mono = false } = {}) {
   return [h("dt", { text: label }), h("dd", { class: mono ? "mono" : null, text: value })];
 }
 
+/** Return the tags as a dt and a dd with one text line "key: value" per tag. */
+function tagFields(tags) {
+  const entries = Object.entries(tags ?? {});
+  if (entries.length === 0) return [];
+  return [
+    h("dt", { text: "tags" }),
+    h("dd", { class: "tags" }, ...entries.map(([key, value]) => h("div", { class: "tag", text: `${key}: ${value}` }))),
+  ];
+}
+
+function originText(origin) {
+  return `${origin.method} ${origin.path}`;
+}
+
 function renderDetail(task) {
   $("detail-title").textContent = task.name;
   const actions = h("div", { class: "actions" });
@@ -489,6 +503,10 @@ function renderDetail(task) {
     ...field("instance", task.owner ?? "–", { mono: true }),
     ...(task.idempotency_key ? field("idempotency key", task.idempotency_key, { mono: true }) : []),
     ...(task.cancel_requested ? field("cancel", "requested") : []),
+    ...tagFields(task.tags),
+    ...(task.origin ? field("added by", originText(task.origin)) : []),
+    ...(task.origin?.request_id ? field("request id", task.origin.request_id, { mono: true }) : []),
+    ...(task.trace_parent ? field("trace parent", task.trace_parent, { mono: true }) : []),
   );
 
   const sections = [

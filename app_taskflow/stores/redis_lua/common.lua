@@ -25,6 +25,8 @@ local function ready_key(name) return PREFIX .. ':ready:' .. name end
 local function owned_key(owner) return PREFIX .. ':owned:' .. owner end
 local function cancelling_key(owner) return PREFIX .. ':cancelling:' .. owner end
 local function durations_key(name) return PREFIX .. ':durations:' .. name end
+-- A tag key has no colon, so the key and the value never run into each other.
+local function tag_key(key, value) return PREFIX .. ':tag:' .. key .. ':' .. value end
 
 -- A position is "<created_at, zero-padded>:<id>". Sets of positions all have score 0, so
 -- Redis keeps them in byte order, which is the order of (created_at, id).
@@ -127,6 +129,19 @@ local function update_indexes(old, new)
   elseif new == nil then
     redis.call('ZREM', ALL, position)
     redis.call('ZREM', name_key(name), position)
+  end
+  -- Tags never change, so their sets change only when a task is created or deleted.
+  if old == nil or new == nil then
+    local tags = redis.call('HGET', task_key(id), 'tags')
+    if tags then
+      for key, value in pairs(cjson.decode(tags)) do
+        if old == nil then
+          redis.call('ZADD', tag_key(key, value), 0, position)
+        else
+          redis.call('ZREM', tag_key(key, value), position)
+        end
+      end
+    end
   end
 
   local old_status, new_status = field(old, 'status'), field(new, 'status')
