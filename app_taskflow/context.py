@@ -26,7 +26,7 @@ class LogLimits:
 
 @dataclass
 class TaskContext:
-    """What a running attempt can see of itself, through ``current_task()``.
+    """The view a running attempt has of itself, through ``current_task()``.
 
     Attributes:
         task_id: id of the task.

@@ -464,7 +464,8 @@ class Dispatcher:
 
         An unreachable store is waited out with backoff for as long as the dispatcher runs,
         so that the results of tasks that ran during an outage are written once the store
-        is back; once stopping, the wait ends after ``_SHUTDOWN_STORE_WAIT`` seconds. Any
+        is back. Once the dispatcher is stopping, the wait ends after
+        ``_SHUTDOWN_STORE_WAIT`` seconds. Any
         other error is retried a few times, then logged at ERROR and given up.
         """
         loop = asyncio.get_running_loop()
@@ -510,7 +511,7 @@ class Dispatcher:
     def buffer_tasks(self, records: list[TaskRecord]) -> bool:
         """Keep tasks added while the store is unreachable; return False if the buffer is full.
 
-        They are stored and then run once the store answers again. Only the ``buffer``
+        They are stored and then run once the store responds again. Only the ``buffer``
         outage policy uses this.
         """
         if self._stopping or not self._buffer.offer(records):

@@ -22,7 +22,7 @@ def new_task_id() -> str:
 
 
 class TaskStatus(StrEnum):
-    """Where a task is in its lifecycle.
+    """The lifecycle state of a task.
 
     A task waiting for its next attempt stays ``PENDING`` with ``attempts > 0`` and
     ``scheduled_at`` set to the time of that attempt.
@@ -150,7 +150,7 @@ _DETAIL_FIELDS = set(TaskRecord.model_fields) - set(TaskSummary.model_fields)
 
 
 class AttemptOutcome(BaseModel):
-    """How an attempt ended, as the runner reports it to the store.
+    """The end of an attempt, as the runner reports it to the store.
 
     ``status`` is ``PENDING`` when another attempt follows at ``scheduled_at``.
     """

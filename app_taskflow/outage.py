@@ -16,7 +16,7 @@ def is_unavailable(error: BaseException) -> bool:
 
 
 class StoreHealth:
-    """Tracks whether the store answers, logging each outage once at its start and end.
+    """Tracks whether the store responds, logging each outage once at its start and end.
 
     Every failed call in between is only counted, so an outage of a minute under load
     gives two log lines, not thousands.
@@ -28,7 +28,7 @@ class StoreHealth:
         self._first_error = ""
         self.buffered_during_outage = 0
         self.back_since: float | None = None
-        """When the store last answered again after an outage (``time.monotonic()``)."""
+        """When the store last responded again after an outage (``time.monotonic()``)."""
 
     @property
     def is_down(self) -> bool:

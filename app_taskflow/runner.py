@@ -21,7 +21,7 @@ from app_taskflow.workers import WorkerPool
 
 @dataclass
 class AttemptResult:
-    """What happened in one attempt, before the retry policy is applied.
+    """The result of one attempt, before the retry policy is applied.
 
     Attributes:
         duration: seconds from the call to its return or failure.

@@ -323,7 +323,7 @@ class Taskflow:
         if self.prometheus is not None:
             app.include_router(self.prometheus.build_router(self), prefix=self.api_prefix)
         app.include_router(build_router(self), prefix=self.api_prefix)
-        # A route that reads the store during an outage answers 503, not a bare 500.
+        # A route that reads the store during an outage returns 503, not a bare 500.
         app.add_exception_handler(StoreUnavailableError, store_unavailable_response)
 
     def build_record(

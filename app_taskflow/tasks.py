@@ -145,7 +145,7 @@ def default_task_name(func: Callable[..., Any]) -> str:
 
 
 class TaskRegistry:
-    """The tasks one app knows, by name."""
+    """The tasks declared in one app, by name."""
 
     def __init__(self) -> None:
         self._by_name: dict[str, TaskDefinition[Any, Any]] = {}
