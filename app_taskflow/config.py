@@ -114,6 +114,20 @@ class RunnerSettings(_Section):
     shutdown_grace: float = Field(default=10.0, ge=0)
 
 
+class RetentionSettings(_Section):
+    """How long finished tasks are kept, by age and by count; null turns a rule off."""
+
+    max_age: float | None = Field(
+        default=14 * 24 * 3600.0,
+        gt=0,
+        description="Seconds a finished task is kept after it finished (default 14 days).",
+    )
+    max_count: int | None = Field(
+        default=None, ge=0, description="Finished tasks kept at most, the newest first."
+    )
+    interval: float = Field(default=60.0, gt=0, description="Seconds between two prunes.")
+
+
 class OutageSettings(_Section):
     """What ``add_task`` does while the store cannot be reached."""
 
@@ -242,6 +256,7 @@ class TaskflowSettings(_Section):
     leases: LeaseSettings = LeaseSettings()
     retry: RetrySettings = RetrySettings()
     outage: OutageSettings = OutageSettings()
+    retention: RetentionSettings = RetentionSettings()
     api: ApiSettings = ApiSettings()
     auth: AuthSettings = NoAuthSettings(kind="none")
     logging: LoggingSettings = LoggingSettings()

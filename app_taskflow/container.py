@@ -106,6 +106,9 @@ class TaskflowContainer(containers.DeclarativeContainer):
         retry_delay_scale=config.retry.delay_scale,
         outage_policy=config.outage.policy,
         outage_buffer_size=config.outage.buffer_size,
+        retention_max_age=config.retention.max_age,
+        retention_max_count=config.retention.max_count,
+        retention_interval=config.retention.interval,
     )
 
     auth = providers.Selector(

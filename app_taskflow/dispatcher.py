@@ -56,6 +56,9 @@ class DispatcherSettings:
         outage_policy: what ``add_task`` does while the store is unreachable: ``raise``
             (the request fails with 503) or ``buffer`` (tasks wait in memory).
         outage_buffer_size: tasks the outage buffer holds; when full, ``raise`` applies.
+        retention_max_age: seconds a finished task is kept; ``None`` keeps them all.
+        retention_max_count: finished tasks kept at most; ``None`` for no limit.
+        retention_interval: seconds between two prunes.
     """
 
     max_concurrency: int = 100
@@ -67,6 +70,9 @@ class DispatcherSettings:
     retry_delay_scale: float = 1.0
     outage_policy: Literal["raise", "buffer"] = "raise"
     outage_buffer_size: int = 10_000
+    retention_max_age: float | None = 14 * 24 * 3600.0
+    retention_max_count: int | None = None
+    retention_interval: float = 60.0
 
 
 _STORE_FAILURE_TYPE = "app_taskflow.errors.StoreError"
@@ -144,6 +150,7 @@ class Dispatcher:
             asyncio.create_task(self._heartbeat_loop(), name="app-taskflow-heartbeat"),
             asyncio.create_task(self._poll_loop(), name="app-taskflow-poll"),
             asyncio.create_task(self._buffer_loop(), name="app-taskflow-buffer"),
+            asyncio.create_task(self._retention_loop(), name="app-taskflow-retention"),
         ]
         log.info("Dispatcher started as instance {}", self.instance_id)
 
@@ -449,6 +456,34 @@ class Dispatcher:
                 )
             for record in records or []:
                 self._spawn(record.id, record)
+
+    async def _retention_loop(self) -> None:
+        settings = self._settings
+        if settings.retention_max_age is None and settings.retention_max_count is None:
+            return
+        while not self._stopping:
+            await asyncio.sleep(settings.retention_interval)
+            pruned = 0
+            while not self._stopping:
+                # Stores prune one bounded batch per call, so requests and claims get the
+                # store between batches.
+                batch = await self._store_call(
+                    "prune finished tasks",
+                    partial(
+                        self.store.prune,
+                        self._clock(),
+                        settings.retention_max_age,
+                        settings.retention_max_count,
+                    ),
+                )
+                if not batch:
+                    break
+                pruned += batch
+                await asyncio.sleep(0)
+            if pruned:
+                log.bind(instance_id=self.instance_id).info(
+                    "Pruned {} finished task(s) past the retention limits", pruned
+                )
 
     async def _flush_logs(self) -> None:
         for task_id, context in list(self._contexts.items()):
