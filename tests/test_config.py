@@ -98,7 +98,10 @@ def test_parse_settings_unknown_key() -> None:
 def test_parse_settings_unknown_section() -> None:
     data = memory_config(workers={"size": 5})
 
-    expected = "unknown key 'workers'; allowed keys here: store, runner, leases, retry, outage, api"
+    expected = (
+        "unknown key 'workers'; allowed keys here: store, runner, leases, retry, outage, "
+        "retention, api, auth, logging, metrics"
+    )
     with pytest.raises(ConfigurationError, match=re.escape(expected)):
         parse_settings(data)
 

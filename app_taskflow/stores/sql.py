@@ -51,13 +51,18 @@ from app_taskflow.stores.sql_watch import (
     PostgresListener,
     SqlitePoller,
     begin_write_changes,
+    write_journal,
 )
+from app_taskflow.stores.sql_writer import GroupWriter, PendingWrite
 
 Ts = TypeVarTuple("Ts")
 T = TypeVar("T")
 
 _WORKER_THREADS = 4
 """Maximum number of database calls that run at once, each in a worker thread."""
+
+_GROUP_LIMIT = 200
+"""Most writes that one SQLite transaction of the writer thread commits together."""
 
 _FIRST_RETRY_DELAY = 0.01
 _MAX_RETRY_DELAY = 0.2
@@ -89,6 +94,9 @@ class SqlStore(TaskStore):
     under an advisory lock, so instances that start at once migrate once.
 
     Calls run in a few worker threads, so the event loop does not wait on the database.
+    On SQLite, which writes one transaction at a time, writes run in one thread instead,
+    which commits all the writes waiting in one transaction (group commit). A write that
+    fails does not fail the others of its group.
     ``watch()`` delivers the changes of every instance, this one's included, in commit
     order: on SQLite from a change journal read every 0.25 s and after each commit of this
     store, on PostgreSQL through LISTEN/NOTIFY.
@@ -113,6 +121,10 @@ class SqlStore(TaskStore):
         threads = 1 if isinstance(self._engine.pool, StaticPool) else _WORKER_THREADS
         self._limiter = anyio.CapacityLimiter(threads)
         self._journal_writes = 0
+        # An in-memory database has one connection, which the worker threads take in turn.
+        self._writer = (
+            GroupWriter(self._run_group, _GROUP_LIMIT) if self._is_sqlite and threads > 1 else None
+        )
         self._feed: ChangeFeed
         if self._is_sqlite:
             self._feed = SqlitePoller(self._read)
@@ -124,7 +136,9 @@ class SqlStore(TaskStore):
 
     async def open(self) -> None:
         try:
-            await self._write("open", migrate, self._location)
+            await anyio.to_thread.run_sync(
+                self._run_in_thread, "open", True, migrate, self._location, limiter=self._limiter
+            )
         except BaseException:
             # The caller does not close a store that failed to open.
             await anyio.to_thread.run_sync(self._engine.dispose, limiter=self._limiter)
@@ -132,6 +146,8 @@ class SqlStore(TaskStore):
 
     async def close(self) -> None:
         await self._feed.close()
+        if self._writer is not None:
+            await self._writer.close()
         await anyio.to_thread.run_sync(self._engine.dispose, limiter=self._limiter)
 
     async def create(self, records: Sequence[TaskRecord]) -> list[str]:
@@ -209,6 +225,9 @@ class SqlStore(TaskStore):
         )
 
     async def _write(self, operation: str, work: Callable[[Session, *Ts], T], *args: *Ts) -> T:
+        if self._writer is not None:
+            result: T = await self._writer.submit(operation, work, args)
+            return result
         return await anyio.to_thread.run_sync(
             self._run_in_thread, operation, True, work, *args, limiter=self._limiter
         )
@@ -262,6 +281,132 @@ class SqlStore(TaskStore):
             self._journal_writes += 1
             self._feed.wake()
         return result
+
+    def _run_group(self, group: builtins.list[PendingWrite]) -> None:
+        """Commit the writes of ``group`` in one transaction, retried on transient conflicts.
+
+        Sets the result or error of every write, like ``_run_in_thread`` for one write.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        delay = _FIRST_RETRY_DELAY
+        retries = 0
+        isolated = False
+        while True:
+            try:
+                if self._commit_group(group, isolated):
+                    return
+                # A write failed: run the group again with each write in a savepoint.
+                isolated = True
+                continue
+            except DBAPIError as error:
+                if not self._is_transient(error):
+                    self._fail_group(group, error)
+                    return
+                pause = delay * random.uniform(0.5, 1.0)
+                if time.monotonic() + pause > deadline:
+                    for pending in group:
+                        pending.error = self._lock_timeout_error(pending.operation)
+                        pending.error.__cause__ = error
+                    return
+            except SQLAlchemyError as error:
+                self._fail_group(group, error)
+                return
+
+            retries += 1
+            log.debug(
+                "Task store busy during a group of {} writes; retry {} in {:.3f} s",
+                len(group),
+                retries,
+                pause,
+            )
+            time.sleep(pause)
+            delay = min(delay * 2, _MAX_RETRY_DELAY)
+
+    def _commit_group(self, group: builtins.list[PendingWrite], isolated: bool) -> bool:
+        """Run the writes of ``group`` in one transaction and commit it.
+
+        With ``isolated`` each write runs in a savepoint, and a write that fails leaves the
+        others to commit. Without, the writes share one session, because savepoints cost as
+        much as the writes themselves and writes seldom fail: the first write that fails
+        rolls the transaction back, and this returns False unless it was the only write.
+        """
+        entries: builtins.list[dict[str, Any]] = []
+        with (
+            self._write_engine.connect() as connection,
+            Session(
+                bind=connection, join_transaction_mode="rollback_only", expire_on_commit=False
+            ) as shared,
+        ):
+            connection.begin()
+            for pending in group:
+                pending.result = pending.error = None
+                try:
+                    if isolated:
+                        entries.extend(self._write_in_savepoint(connection, pending))
+                    else:
+                        entries.extend(self._write_in_session(shared, pending))
+                except Exception as error:
+                    if isinstance(error, DBAPIError) and self._is_transient(error):
+                        raise  # The whole group runs again.
+                    if not isolated and len(group) > 1:
+                        return False
+                    pending.error = self._write_error(pending.operation, error)
+                    if not isolated:
+                        return True  # The only write failed, so its transaction rolls back unused.
+            if entries:
+                write_journal(connection, entries, trim=self._journal_writes % TRIM_EVERY == 0)
+            connection.commit()
+        if entries:
+            self._journal_writes += 1
+            self._feed.wake()
+        return True
+
+    def _write_in_session(
+        self, session: Session, pending: PendingWrite
+    ) -> builtins.list[dict[str, Any]]:
+        """Run one write of a group in the session of the group; return its journal entries.
+
+        The session expunges its rows after each write, because some writes change rows with
+        Core statements, which would leave the session's copies stale.
+        """
+        try:
+            changes = begin_write_changes(session, journals=True)
+            pending.result = pending.work(session, *pending.args)
+            session.flush()
+            return changes.journal_entries()
+        finally:
+            session.expunge_all()
+
+    def _write_in_savepoint(
+        self, connection: Connection, pending: PendingWrite
+    ) -> builtins.list[dict[str, Any]]:
+        """Run one write of a group in a savepoint; return its journal entries."""
+        with Session(
+            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+        ) as session:
+            session.begin()
+            try:
+                changes = begin_write_changes(session, journals=True)
+                pending.result = pending.work(session, *pending.args)
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+            return changes.journal_entries()
+
+    def _write_error(self, operation: str, error: Exception) -> Exception:
+        """Return the error that the caller of a failed write gets."""
+        if not isinstance(error, SQLAlchemyError):
+            return error  # An error of the library, such as TaskStateError.
+        store_error = self._store_error(operation, error)
+        store_error.__cause__ = error
+        return store_error
+
+    def _fail_group(self, group: builtins.list[PendingWrite], error: SQLAlchemyError) -> None:
+        for pending in group:
+            pending.result = None
+            pending.error = self._store_error(pending.operation, error)
+            pending.error.__cause__ = error
 
     def _is_transient(self, error: DBAPIError) -> bool:
         if self._is_sqlite:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import Connection, delete, func, insert, select
 from sqlmodel import Session
 
 from app_taskflow.errors import StoreError
@@ -105,6 +105,13 @@ class WriteChanges:
 
         With ``trim``, entries older than the ``JOURNAL_KEEP`` newest are deleted too.
         """
+        entries = self.journal_entries()
+        if entries:
+            write_journal(self.session, entries, trim)
+        return bool(entries)
+
+    def journal_entries(self) -> list[dict[str, Any]]:
+        """Return the journal rows of the changes, tasks first, in write order."""
         entries: list[dict[str, Any]] = [
             {"task_id": task_id, "summary": _summary_json(state), "log_id": None}
             for task_id, state in self.tasks.items()
@@ -113,15 +120,17 @@ class WriteChanges:
             {"task_id": task_id, "summary": None, "log_id": log_id}
             for task_id, log_id in self.log_ids
         )
-        if not entries:
-            return False
-        self.session.execute(_INSERT_CHANGES, entries)
-        if trim:
-            newest = select(func.max(CHANGE_TABLE.c.id)).scalar_subquery()
-            self.session.execute(
-                delete(CHANGE_TABLE).where(CHANGE_TABLE.c.id <= newest - JOURNAL_KEEP)
-            )
-        return True
+        return entries
+
+
+def write_journal(
+    executor: Session | Connection, entries: Sequence[Mapping[str, Any]], trim: bool
+) -> None:
+    """Append journal rows; with ``trim``, delete those older than the ``JOURNAL_KEEP`` newest."""
+    executor.execute(_INSERT_CHANGES, entries)
+    if trim:
+        newest = select(func.max(CHANGE_TABLE.c.id)).scalar_subquery()
+        executor.execute(delete(CHANGE_TABLE).where(CHANGE_TABLE.c.id <= newest - JOURNAL_KEEP))
 
 
 def begin_write_changes(session: Session, journals: bool) -> WriteChanges:

@@ -32,6 +32,7 @@ from app_taskflow.errors import (
     MissingExtraError,
     SchemaVersionError,
     StoreError,
+    TaskNotFoundError,
 )
 from app_taskflow.models import (
     TERMINAL_STATUSES,
@@ -593,6 +594,88 @@ async def test_busy_error_retried_until_write_lands(
 
     assert failures_left == 0
     assert task_ids == [record.id]
+    assert await store.get(record.id) == record
+
+
+# group commit
+
+
+async def test_writes_waiting_commit_together(
+    open_store: StoreOpener, database_path: Path, make_record: RecordFactory
+) -> None:
+    store = await open_store()
+    records = [make_record() for _ in range(5)]
+
+    # The writes queue while another connection holds the lock.
+    with executed_statements() as statements, write_lock_held(database_path, seconds=0.3):
+        results = await asyncio.gather(*(store.create([record]) for record in records))
+
+    assert results == [[record.id] for record in records]
+    begins = [item for item in statements if item[0] == "BEGIN IMMEDIATE"]
+    assert len(begins) <= 2
+
+
+async def test_failed_write_spares_its_group(
+    open_store: StoreOpener, database_path: Path, make_record: RecordFactory, clock: Clock
+) -> None:
+    store = await open_store()
+    existing = make_record()
+    await store.create([existing])
+    first, duplicate, last = make_record(), make_record(id=existing.id), make_record()
+
+    with write_lock_held(database_path, seconds=0.3):
+        results = await asyncio.gather(
+            store.create([first]),
+            store.create([duplicate]),
+            store.cancel(new_task_id(), clock(1)),
+            store.create([last]),
+            return_exceptions=True,
+        )
+
+    assert results[0] == [first.id]
+    assert isinstance(results[1], StoreError)
+    assert isinstance(results[2], TaskNotFoundError)
+    assert results[3] == [last.id]
+    assert await store.get(first.id) == first
+    assert await store.get(last.id) == last
+
+
+async def test_failed_write_left_out_of_journal(
+    open_store: StoreOpener, database_path: Path, make_record: RecordFactory
+) -> None:
+    store = await open_store()
+    existing = make_record()
+    await store.create([existing])
+    kept = make_record()
+    # A batch whose second record fails after its first was inserted.
+    lost, duplicate = make_record(), make_record(id=existing.id)
+
+    with write_lock_held(database_path, seconds=0.3):
+        await asyncio.gather(
+            store.create([lost, duplicate]), store.create([kept]), return_exceptions=True
+        )
+
+    connection = sqlite3.connect(database_path)
+    journaled = {row[0] for row in connection.execute("SELECT task_id FROM taskflow_changes")}
+    connection.close()
+    assert journaled == {existing.id, kept.id}
+
+
+async def test_cancelled_write_still_lands(
+    open_store: StoreOpener, database_path: Path, make_record: RecordFactory
+) -> None:
+    store = await open_store()
+    record = make_record()
+
+    with write_lock_held(database_path, seconds=0.3):
+        writing = asyncio.create_task(store.create([record]))
+        await asyncio.sleep(0.05)
+        writing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await writing
+    # Writes commit in order, so the cancelled one has landed once a later one returns.
+    await store.create([make_record()])
+
     assert await store.get(record.id) == record
 
 
