@@ -20,6 +20,8 @@ from app_taskflow.models import (
     TaskQuery,
     TaskRecord,
     TaskStatus,
+    TaskSummary,
+    encode_cursor,
 )
 
 
@@ -240,6 +242,22 @@ class TaskStore(ABC):
         watcher's resources; leaving ``async for`` by ``break`` frees them only when the
         generator is garbage-collected.
         """
+
+
+def build_page(found: Sequence[TaskSummary], limit: int, offset: int) -> TaskPage:
+    """Build a page from up to ``limit + 1`` tasks read in page order.
+
+    The task past ``limit`` is not shown: it only tells that another page follows.
+    """
+    items = list(found[:limit])
+    has_more = len(found) > limit
+    return TaskPage(
+        items=items,
+        limit=limit,
+        offset=offset,
+        has_more=has_more,
+        next_cursor=encode_cursor(items[-1]) if has_more else None,
+    )
 
 
 def build_metrics(

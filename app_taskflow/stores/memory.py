@@ -24,12 +24,11 @@ from app_taskflow.models import (
     TaskRecord,
     TaskStatus,
     decode_cursor,
-    encode_cursor,
 )
-from app_taskflow.stores.base import TaskStore, build_metrics
+from app_taskflow.stores.base import TaskStore, build_metrics, build_page
 from app_taskflow.stores.records import (
     apply_outcome,
-    check_cancellable,
+    cancel_record,
     check_retryable,
     check_same_task,
     requeue,
@@ -88,15 +87,7 @@ class MemoryStore(TaskStore):
         matching.sort(key=lambda record: (record.created_at, record.id), reverse=newest_first)
         offset = 0 if after is not None else query.offset
         window = matching[offset : offset + query.limit + 1]
-        items = [record.summary() for record in window[: query.limit]]
-        has_more = len(window) > query.limit
-        return TaskPage(
-            items=items,
-            limit=query.limit,
-            offset=offset,
-            has_more=has_more,
-            next_cursor=encode_cursor(items[-1]) if has_more else None,
-        )
+        return build_page([record.summary() for record in window], query.limit, offset)
 
     async def metrics(self) -> TaskMetrics:
         counts: dict[str, dict[TaskStatus, int]] = defaultdict(lambda: defaultdict(int))
@@ -190,14 +181,7 @@ class MemoryStore(TaskStore):
         record = self._tasks.get(task_id)
         if record is None:
             raise TaskNotFoundError(f"No task has id {task_id!r}.")
-        check_cancellable(record)
-        if record.status is TaskStatus.PENDING:
-            record.status = TaskStatus.CANCELLED
-            record.finished_at = now
-            record.scheduled_at = None
-            record.owner = None
-        else:
-            record.cancel_requested = True
+        cancel_record(record, now)
         self._publish(record)
         return _copy(record)
 

@@ -111,6 +111,23 @@ def take_back(record: TaskRecord, now: datetime, report: RecoveryReport) -> None
         report.interrupted.append(record.id)
 
 
+def cancel_record(record: TaskRecord, now: datetime) -> None:
+    """Cancel a PENDING record, or mark a RUNNING one as asked to stop.
+
+    Raises:
+        TaskStateError: the task has already finished.
+    """
+    check_cancellable(record)
+    if record.status is TaskStatus.PENDING:
+        record.status = TaskStatus.CANCELLED
+        record.finished_at = now
+        record.scheduled_at = None
+        record.owner = None
+    else:
+        # The instance running it learns of the request from its next heartbeat.
+        record.cancel_requested = True
+
+
 def requeue(record: TaskRecord, extra_attempts: int) -> None:
     """Make a FAILED or INTERRUPTED record PENDING again with ``extra_attempts`` more."""
     record.status = TaskStatus.PENDING

@@ -34,9 +34,8 @@ from app_taskflow.models import (
     TaskStatus,
     TaskSummary,
     decode_cursor,
-    encode_cursor,
 )
-from app_taskflow.stores.base import TaskStore, build_metrics
+from app_taskflow.stores.base import TaskStore, build_metrics, build_page
 from app_taskflow.stores.records import check_cancellable, check_retryable, check_same_task
 from app_taskflow.stores.redis_scripts import (
     decode_change,
@@ -195,15 +194,7 @@ class RedisStore(TaskStore):
             reply = await self._run("list", keys=self._index_keys(query), args=arguments)
             found = [decode_summary(fields) for fields in json.loads(reply)]
 
-        items = found[: query.limit]
-        has_more = len(found) > query.limit
-        return TaskPage(
-            items=items,
-            limit=query.limit,
-            offset=offset,
-            has_more=has_more,
-            next_cursor=encode_cursor(items[-1]) if has_more else None,
-        )
+        return build_page(found, query.limit, offset)
 
     async def metrics(self) -> TaskMetrics:
         flat_counts, flat_durations = await self._run("metrics")

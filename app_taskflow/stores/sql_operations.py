@@ -38,7 +38,7 @@ from app_taskflow.models import (
 )
 from app_taskflow.stores.records import (
     apply_outcome,
-    check_cancellable,
+    cancel_record,
     check_retryable,
     check_same_task,
     requeue,
@@ -266,17 +266,7 @@ def release(session: Session, instance_id: str, now: datetime) -> RecoveryReport
 
 
 def cancel(session: Session, task_id: str, now: datetime) -> TaskRecord:
-    def cancel_record(record: TaskRecord) -> None:
-        check_cancellable(record)
-        if record.status is TaskStatus.PENDING:
-            record.status = TaskStatus.CANCELLED
-            record.finished_at = now
-            record.scheduled_at = None
-            record.owner = None
-        else:
-            record.cancel_requested = True
-
-    return _change_task(session, task_id, cancel_record)
+    return _change_task(session, task_id, lambda record: cancel_record(record, now))
 
 
 PRUNE_BATCH = 1000

@@ -29,9 +29,8 @@ from app_taskflow.models import (
     TaskQuery,
     TaskRecord,
     TaskStatus,
-    encode_cursor,
 )
-from app_taskflow.stores.base import build_metrics, percentile
+from app_taskflow.stores.base import build_metrics, build_page, percentile
 from app_taskflow.stores.sql_schema import (
     SUMMARY_COLUMNS,
     TAG_TABLE,
@@ -118,15 +117,7 @@ def list_page(session: Session, query: TaskQuery, after: tuple[datetime, str] | 
     statement = statement.order_by(*order).offset(offset).limit(query.limit + 1)
 
     rows = session.execute(statement).mappings().all()
-    items = [summary_from_mapping(row) for row in rows[: query.limit]]
-    has_more = len(rows) > query.limit
-    return TaskPage(
-        items=items,
-        limit=query.limit,
-        offset=offset,
-        has_more=has_more,
-        next_cursor=encode_cursor(items[-1]) if has_more else None,
-    )
+    return build_page([summary_from_mapping(row) for row in rows], query.limit, offset)
 
 
 def _ordered(statement: Select[Any], newest_first: bool, position: tuple[Any, Any]) -> Select[Any]:

@@ -31,12 +31,11 @@ from app_taskflow.models import (
     TaskRecord,
     TaskStatus,
     decode_cursor,
-    encode_cursor,
 )
-from app_taskflow.stores.base import TaskStore, build_metrics
+from app_taskflow.stores.base import TaskStore, build_metrics, build_page
 from app_taskflow.stores.records import (
     apply_outcome,
-    check_cancellable,
+    cancel_record,
     check_retryable,
     check_same_task,
     requeue,
@@ -180,16 +179,7 @@ class JsonFileStore(TaskStore):
                 if (_position(record) < after if newest_first else _position(record) > after)
             ]
         window = matching[offset : offset + query.limit + 1]
-        items = [record.summary() for record in window[: query.limit]]
-        has_more = len(window) > query.limit
-        next_cursor = encode_cursor(items[-1]) if has_more else None
-        return TaskPage(
-            items=items,
-            limit=query.limit,
-            offset=offset,
-            has_more=has_more,
-            next_cursor=next_cursor,
-        )
+        return build_page([record.summary() for record in window], query.limit, offset)
 
     async def metrics(self) -> TaskMetrics:
         counts: dict[str, dict[TaskStatus, int]] = defaultdict(lambda: defaultdict(int))
@@ -280,15 +270,7 @@ class JsonFileStore(TaskStore):
 
     async def cancel(self, task_id: str, now: datetime) -> TaskRecord:
         record = self._find(task_id)
-        check_cancellable(record)
-        if record.status is TaskStatus.PENDING:
-            record.status = TaskStatus.CANCELLED
-            record.finished_at = now
-            record.scheduled_at = None
-            record.owner = None
-        else:
-            # The instance running it learns of the request from its next heartbeat.
-            record.cancel_requested = True
+        cancel_record(record, now)
         self._changed(record)
         await self._save()
         return record.model_copy(deep=True)
