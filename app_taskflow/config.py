@@ -129,7 +129,7 @@ class RetentionSettings(_Section):
 
 
 class OutageSettings(_Section):
-    """What ``add_task`` does while the store cannot be reached."""
+    """The behaviour of ``add_task`` while the store cannot be reached."""
 
     policy: Literal["raise", "buffer"] = Field(
         default="raise",
@@ -138,7 +138,9 @@ class OutageSettings(_Section):
             "stored when the store is back (lost if the process dies first)."
         ),
     )
-    buffer_size: int = Field(default=10_000, ge=1, description="Tasks the buffer holds.")
+    buffer_size: int = Field(
+        default=10_000, ge=1, description="Maximum number of tasks in the buffer."
+    )
 
 
 class LeaseSettings(_Section):
@@ -173,7 +175,7 @@ class RetrySettings(_Section):
 
 
 class ApiSettings(_Section):
-    """Where the REST API is mounted, and the request header that carries a request id."""
+    """The mount path of the REST API, and the request header that carries a request id."""
 
     prefix: str = Field(default="/tasks", pattern=r"^/[A-Za-z0-9_\-/]*[A-Za-z0-9_\-]$")
     request_id_header: str | None = Field(
@@ -240,7 +242,7 @@ class LoggingSettings(_Section):
 
 
 class MetricsSettings(_Section):
-    """Which metrics endpoints are served besides the JSON ``/tasks/metrics``."""
+    """The metrics endpoints served besides the JSON ``/tasks/metrics``."""
 
     prometheus: bool = Field(
         default=False,

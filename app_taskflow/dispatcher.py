@@ -103,7 +103,7 @@ class Dispatcher:
     """Claims tasks in the store and runs them, at most ``max_concurrency`` at a time.
 
     A task runs only after ``store.claim`` gave it to this instance. Retry waits are timers
-    on the event loop, so a waiting task holds no thread and no concurrency slot.
+    on the event loop, so a waiting task takes no thread and no concurrency slot.
     """
 
     def __init__(
@@ -165,8 +165,8 @@ class Dispatcher:
     def request_cancel(self, task_id: str) -> bool:
         """Ask a task that this instance is running to stop; return whether it runs here.
 
-        An async task is cancelled at once. A sync task cannot be stopped in its thread: it
-        sees ``current_task().cancel_requested`` and ends when its function returns.
+        An async task is cancelled at once. A sync task cannot be stopped in its thread, so it
+        reads ``current_task().cancel_requested`` and ends when its function returns.
         """
         context = self._contexts.get(task_id)
         if context is None:
@@ -438,18 +438,18 @@ class Dispatcher:
             backlog = False
             if free <= 0:
                 continue
-            wanted = min(free, 100)
+            requested = min(free, 100)
             records = await self._store_call(
                 "claim ownerless tasks",
                 partial(
                     self.store.claim_next,
                     self.instance_id,
                     self._clock(),
-                    wanted,
+                    requested,
                     self._registry.names(),
                 ),
             )
-            backlog = records is not None and len(records) == wanted
+            backlog = records is not None and len(records) == requested
             if records:
                 log.bind(instance_id=self.instance_id).debug(
                     "Claimed {} task(s) that no instance owned", len(records)

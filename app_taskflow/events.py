@@ -17,7 +17,7 @@ _RESYNC = TaskChange(resync=True)
 class ChangeFanout:
     """Delivers task changes to any number of watchers, each through its own bounded queue.
 
-    A store publishes each change once; ``watch()`` gives every consumer its own iterator.
+    A store publishes each change once, and ``watch()`` gives every consumer its own iterator.
     An optional ``feed`` coroutine (for example a poll loop over a shared database, or a
     pub/sub listener) runs while at least one watcher is subscribed, and is cancelled when
     the last one leaves, so an idle store does no work for watchers it does not have.
@@ -44,7 +44,7 @@ class ChangeFanout:
             try:
                 queue.put_nowait(change)
             except asyncio.QueueFull:
-                # Drop what it has not read: a resync tells it to read the store again.
+                # Drop what it has not read. The resync marker makes it read the store again.
                 while not queue.empty():
                     queue.get_nowait()
                 queue.put_nowait(_RESYNC)

@@ -113,7 +113,7 @@ class TaskSummary(BaseModel):
     error_type: str | None = None
     error_message: str | None = None
     owner: str | None = Field(
-        default=None, description="Id of the app instance that holds the task."
+        default=None, description="Id of the app instance that owns the task."
     )
     idempotency_key: str | None = None
     requeue_on_interrupt: bool = False

@@ -70,7 +70,7 @@ class PrometheusExporter:
 
     NOTE: the counters live in the memory of one process. Behind a server with several
     worker processes on one port, each scrape returns the counters of the worker that
-    answered; prometheus-client's multiprocess mode is not set up.
+    responded, because prometheus-client's multiprocess mode is not set up.
 
     Raises:
         MissingExtraError: ``prometheus-client`` is not installed.

@@ -111,7 +111,7 @@ class ArgumentCodec:
             elif kind is inspect.Parameter.VAR_KEYWORD:
                 named.update(value)
             elif kind is inspect.Parameter.POSITIONAL_ONLY or (
-                # Parameters before *args must stay positional when *args holds values.
+                # Parameters before *args must stay positional when *args contains values.
                 kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and extra_positional
             ):
                 positional.append(value)

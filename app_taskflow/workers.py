@@ -17,7 +17,7 @@ class WorkerPool:
 
     The threads are daemon threads: a sync task that never returns cannot keep the process
     alive past shutdown, which ``concurrent.futures.ThreadPoolExecutor`` would (it joins
-    its threads at exit). A caller waiting for a free thread holds none.
+    its threads at exit). A caller waiting for a free thread takes none.
     """
 
     def __init__(self, size: int, name: str = "app-taskflow-worker") -> None:

@@ -50,7 +50,7 @@ TRACEBACK_HEAD = """Traceback (most recent call last):
 
 ERRORS = {
     "send_welcome_email": ("smtplib.SMTPServerDisconnected", "Connection unexpectedly closed"),
-    "sync_inventory": ("TimeoutError", "the shop API did not answer within 10 s"),
+    "sync_inventory": ("TimeoutError", "the shop API did not respond within 10 s"),
     "resize_image": ("PIL.UnidentifiedImageError", "cannot identify image file"),
     "charge_invoice": ("httpx.HTTPStatusError", "Server error '503 Service Unavailable'"),
 }

@@ -105,7 +105,7 @@ def parse_tag_filters(filters: list[str] | None) -> dict[str, str] | None:
 
 
 async def store_unavailable_response(request: Request, error: Exception) -> JSONResponse:
-    """Answer 503 with a JSON body when the store cannot be reached."""
+    """Return a 503 response with a JSON body when the store cannot be reached."""
     return JSONResponse(
         status_code=503, content={"detail": str(error)}, headers={"Retry-After": "5"}
     )

@@ -35,7 +35,7 @@ class TaskStore(ABC):
     Atomicity: each method is atomic on its own. ``create``, ``claim``, ``finish``,
     ``cancel``, ``retry``, ``recover_expired`` and ``release`` are read-modify-write steps
     that must stay correct when several instances in several processes call them on the
-    same store at once; a store that cannot offer that in some setting must say so in its
+    same store at once. A store that cannot offer that in some setting states it in its
     documentation and in ``supports_multiple_instances``.
 
     Errors: driver failures are raised as ``StoreError`` with the driver's exception as
@@ -83,10 +83,10 @@ class TaskStore(ABC):
 
     @abstractmethod
     async def list(self, query: TaskQuery) -> TaskPage:
-        """Return one page of tasks matching ``query``, in the order it asks for.
+        """Return one page of tasks matching ``query``, in the order it requests.
 
         Tasks are ordered by ``created_at`` and then by id (both descending for
-        ``newest``), so pages never overlap. ``search`` matches as ``TaskQuery`` says, and
+        ``newest``), so pages never overlap. ``search`` matches as ``TaskQuery`` describes, and
         ``tags`` keeps the tasks whose ``tags`` contain every key with the value given.
         With ``cursor``, the page starts after the task it names and ``offset`` is
         ignored (the page reports offset 0). ``next_cursor`` is set when ``has_more`` is.
@@ -184,7 +184,7 @@ class TaskStore(ABC):
         """Hand back every task of one instance at shutdown and delete its lease.
 
         Does for ``instance_id`` what ``recover_expired`` does for an expired instance,
-        whatever its lease says.
+        regardless of its lease.
         """
 
     @abstractmethod
@@ -223,7 +223,7 @@ class TaskStore(ABC):
         ``max_age`` seconds before ``now``, or when it is not among the ``max_count`` most
         recently finished ones. ``None`` turns either rule off. PENDING and RUNNING tasks
         are never deleted. A store may delete at most a batch per call so that no single
-        transaction holds it for long; callers repeat the call until it returns 0.
+        transaction locks it for long. Callers repeat the call until it returns 0.
         """
 
     @abstractmethod

@@ -326,15 +326,15 @@ class RedisStore(TaskStore):
                 filters.extend((key, value))
             keys = [self._key("tag", key, value) for key, value in sorted(query.tags.items())]
 
-        wanted = offset + query.limit + 1
+        needed = offset + query.limit + 1
         matches: builtins.list[TaskSummary] = []
-        while len(matches) < wanted:
+        while len(matches) < needed:
             arguments = [
                 query.order,
                 after,
                 search_argument,
                 str(SEARCH_SCAN),
-                str(wanted - len(matches)),
+                str(needed - len(matches)),
                 *filters,
             ]
             last, exhausted, candidates = await self._run("search", keys=keys, args=arguments)
@@ -344,7 +344,7 @@ class RedisStore(TaskStore):
             if exhausted or last is None:
                 break
             after = last
-        return matches[offset:wanted]
+        return matches[offset:needed]
 
     async def _run(self, script: str, keys: Sequence[str] = (), args: Sequence[str] = ()) -> Any:
         """Run one of the Lua scripts; every Redis error leaves here as ``StoreError``."""

@@ -62,7 +62,7 @@ _WORKER_THREADS = 4
 """Maximum number of database calls that run at once, each in a worker thread."""
 
 _GROUP_LIMIT = 200
-"""Most writes that one SQLite transaction of the writer thread commits together."""
+"""Maximum number of writes that one SQLite transaction of the writer thread commits."""
 
 _FIRST_RETRY_DELAY = 0.01
 _MAX_RETRY_DELAY = 0.2
