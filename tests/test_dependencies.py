@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -319,3 +320,39 @@ async def test_add_task_idempotency_key_not_string(make_app: MakeApp) -> None:
 
     with pytest.raises(TypeError, match="Invalid idempotency_key 42"):
         await running.client.post("/charge")
+
+
+async def test_dependency_is_built_on_the_event_loop_thread(
+    make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = await make_app()
+    threads: list[int] = []
+    original_init = TaskflowTasks.__init__
+
+    def recording_init(self: TaskflowTasks, request: Any) -> None:
+        threads.append(threading.get_ident())
+        original_init(self, request)
+
+    monkeypatch.setattr(TaskflowTasks, "__init__", recording_init)
+
+    @running.app.post("/nothing")
+    async def add_nothing(tasks: Tasks) -> dict[str, bool]:
+        return {"same_thread": threads == [threading.get_ident()]}
+
+    response = await running.client.post("/nothing")
+
+    assert response.json() == {"same_thread": True}
+
+
+async def test_dependency_instance_awaits_to_itself(make_app: MakeApp) -> None:
+    running = await make_app()
+    seen: list[bool] = []
+
+    @running.app.post("/await")
+    async def await_tasks(tasks: Tasks) -> dict[str, bool]:
+        seen.append(await tasks is tasks)
+        return {}
+
+    await running.client.post("/await")
+
+    assert seen == [True]
