@@ -51,15 +51,15 @@ def trivial_sync() -> None:
     task_calls.increment()
 
 
-def send_library_logs_to_devnull() -> None:
-    """Replace loguru's default stderr sink with one at INFO that writes to ``os.devnull``.
+def send_library_logs_to_devnull(level: str = "INFO") -> None:
+    """Replace loguru's sinks with one at ``level`` that writes to ``os.devnull``.
 
-    The library logs each task's transitions (added, started, succeeded) at INFO, so the
-    figures include formatting those lines, as an app that keeps its logs pays for them,
-    but not the speed of a terminal.
+    The library logs each task's transitions (added, started, succeeded) at INFO, so at
+    INFO the figures include formatting those lines, as an app that keeps its logs pays for
+    them, but not the speed of a terminal. At WARNING loguru drops the lines unformatted.
     """
     logger.remove()
-    logger.add(open(os.devnull, "w"), level="INFO")  # noqa: SIM115 - lives as long as the process
+    logger.add(open(os.devnull, "w"), level=level)  # noqa: SIM115 - lives as long as the process
 
 
 def build_plain_app() -> FastAPI:

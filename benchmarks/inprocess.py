@@ -31,7 +31,14 @@ from fastapi import FastAPI
 
 from app_taskflow.models import TaskQuery, TaskStatus
 from app_taskflow.stores.base import TaskStore
-from benchmarks.apps import ADD_PATH, TaskKind, build_plain_app, build_taskflow_app, task_calls
+from benchmarks.apps import (
+    ADD_PATH,
+    TaskKind,
+    build_plain_app,
+    build_taskflow_app,
+    send_library_logs_to_devnull,
+    task_calls,
+)
 from benchmarks.backends import LABELS, STORE_NAMES, fresh_store
 from benchmarks.plan import Context, attempt, skipped_reason
 from benchmarks.report import Table, TargetCheck, format_number, format_ratio
@@ -246,6 +253,7 @@ async def run_section(context: Context) -> None:
         "covers the tasks added by then, all of which ran to the end.",
     ]
     context.tables.append(table)
+    await _measure_log_cost(context, batched_async)
     for store, goal in (("sqlite", 100.0), ("memory", 25.0)):
         figure = batched_async.get(store)
         context.checks.append(
@@ -257,6 +265,64 @@ async def run_section(context: Context) -> None:
                 (skipped_reason(context, store) or "a run failed") if figure is None else "",
             )
         )
+
+
+async def _measure_log_cost(context: Context, at_info: dict[str, float]) -> None:
+    """Run the batched async row again with the lines of the task timeline dropped.
+
+    The difference to the row above is what the three INFO lines of each task (added,
+    started, succeeded) cost; loguru drops them unformatted when its sink is at WARNING.
+    """
+    plan = context.plan
+    table = Table(
+        "1b. What each task's log lines cost (async, 100 per request)",
+        ["app", "µs per task, lines at INFO", "µs per task, sink at WARNING", "lines cost"],
+    )
+    case = next(
+        (
+            Case(kind, per_request, tasks)
+            for kind, per_request, tasks in plan.inprocess_cases
+            if kind == "async" and per_request == 100
+        ),
+        None,
+    )
+    if case is None:
+        return
+    send_library_logs_to_devnull("WARNING")
+    try:
+        for store in ("memory", "sqlite"):
+            if store not in at_info or skipped_reason(context, store) is not None:
+                continue
+
+            async def run(store: str = store, case: Case = case) -> RunResult:
+                with fresh_store(store, context.folder, context.servers) as config:
+                    return await run_taskflow(
+                        config,
+                        case,
+                        plan.inprocess_warmup,
+                        plan.inprocess_time_limit,
+                        plan.drain_limit,
+                    )
+
+            result = await attempt(f"in process, {store}, {case}, sink at WARNING", run)
+            if isinstance(result, str) or result.problem is not None:
+                problem = result if isinstance(result, str) else result.problem
+                table.add(LABELS[store], format_number(at_info[store]), problem, "-")
+                continue
+            quiet = result.microseconds_per_task
+            table.add(
+                LABELS[store],
+                format_number(at_info[store]),
+                format_number(quiet),
+                f"{format_number(at_info[store] - quiet)} µs/task",
+            )
+    finally:
+        send_library_logs_to_devnull()
+    table.notes.append(
+        "Same runs as the rows of table 1, with loguru's only sink at WARNING, so that the "
+        "INFO lines of the task timeline are dropped before they are formatted."
+    )
+    context.tables.append(table)
 
 
 def _measured(result: RunResult) -> str:
