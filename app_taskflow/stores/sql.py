@@ -526,7 +526,7 @@ def _batches(group: builtins.list[PendingWrite]) -> builtins.list[builtins.list[
     """Split a group into single writes and batches of the writes that have a batch form.
 
     The writes of one kind with a batch form make one batch, at the place of the first of
-    them. That reorders writes, which is safe: every write of a group waits for its result
+    them. That reorders writes, which is safe. Every write of a group waits for its result
     until the group commits, so the writes of a group are concurrent, and any order of
     them is one in which their callers could have sent them.
     """

@@ -70,7 +70,7 @@ def claim_many(
             "scheduled_at": None,
             "attempts": row["attempts"] + 1,
         }
-        # A later call for the same task sees it started, as it would one by one.
+        # A later call for the same task finds it started, as it would one by one.
         tasks[task_id] = row
         positions.append(len(started))
         started.append(row)
@@ -128,7 +128,7 @@ def finish_many(
         )
         attempt_parameters.append(ended_attempt_values(record))
         row = {**row, **values}
-        # A later call for the same task sees it finished, as it would one by one.
+        # A later call for the same task finds it finished, as it would one by one.
         tasks[task_id] = row
         written.append(row)
         results.append(True)
@@ -163,7 +163,7 @@ def _lock_tasks(session: Session, task_ids: Iterable[str]) -> dict[str, dict[str
 
 
 def _claimable(row: Mapping[str, Any], instance_id: str, now: datetime) -> bool:
-    """Return whether ``claim`` would start the task of ``row``: the conditions of _CLAIM."""
+    """Return whether ``claim`` would start the task of ``row``, by the conditions of its UPDATE."""
     return (
         row["status"] == TaskStatus.PENDING.value
         and not row["cancel_requested"]
@@ -179,7 +179,7 @@ _LOCK_TASKS = (
     .where(TASK_TABLE.c.id.in_(bindparam("task_ids", expanding=True)))
     .with_for_update()
 )
-# The WHERE clause is that of finish's checks; the columns set are the other parameters.
+# The WHERE clause repeats finish's checks, and the other parameters are the columns to set.
 _FINISH_MANY = update(TASK_TABLE).where(
     TASK_TABLE.c.id == bindparam("task_id"),
     TASK_TABLE.c.status == TaskStatus.RUNNING.value,
