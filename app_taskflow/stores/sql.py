@@ -43,6 +43,7 @@ from app_taskflow.models import (
 )
 from app_taskflow.stores import sql_operations as operations
 from app_taskflow.stores.base import TaskStore
+from app_taskflow.stores.sql_batches import BATCH_FORMS
 from app_taskflow.stores.sql_migrations import migrate
 from app_taskflow.stores.sql_queries import list_page, load_record, read_metrics
 from app_taskflow.stores.sql_watch import (
@@ -95,7 +96,8 @@ class SqlStore(TaskStore):
 
     Calls run in a few worker threads, so the event loop does not wait on the database.
     On SQLite, which writes one transaction at a time, writes run in one thread instead,
-    which commits all the writes waiting in one transaction (group commit). A write that
+    which commits all the writes waiting in one transaction (group commit), with a few
+    statements for all the claims of a group and a few for all its finishes. A write that
     fails does not fail the others of its group.
     ``watch()`` delivers the changes of every instance, this one's included, in commit
     order: on SQLite from a change journal read every 0.25 s and after each commit of this
@@ -329,7 +331,12 @@ class SqlStore(TaskStore):
         others to commit. Without, the writes share one session, because savepoints cost as
         much as the writes themselves and writes seldom fail: the first write that fails
         rolls the transaction back, and this returns False unless it was the only write.
+        Without ``isolated``, the writes of each kind that has a batch form (claims and
+        finishes) also run as one batch, and a batch fails as a whole.
         """
+        for pending in group:
+            pending.result = pending.error = None
+        batches = [[pending] for pending in group] if isolated else _batches(group)
         entries: builtins.list[dict[str, Any]] = []
         with (
             self._write_engine.connect() as connection,
@@ -338,19 +345,18 @@ class SqlStore(TaskStore):
             ) as shared,
         ):
             connection.begin()
-            for pending in group:
-                pending.result = pending.error = None
+            for batch in batches:
                 try:
                     if isolated:
-                        entries.extend(self._write_in_savepoint(connection, pending))
+                        entries.extend(self._write_in_savepoint(connection, batch[0]))
                     else:
-                        entries.extend(self._write_in_session(shared, pending))
+                        entries.extend(self._write_in_session(shared, batch))
                 except Exception as error:
                     if isinstance(error, DBAPIError) and self._is_transient(error):
                         raise  # The whole group runs again.
                     if not isolated and len(group) > 1:
                         return False
-                    pending.error = self._write_error(pending.operation, error)
+                    batch[0].error = self._write_error(batch[0].operation, error)
                     if not isolated:
                         return True  # The only write failed, so its transaction rolls back unused.
             if entries:
@@ -362,16 +368,23 @@ class SqlStore(TaskStore):
         return True
 
     def _write_in_session(
-        self, session: Session, pending: PendingWrite
+        self, session: Session, batch: builtins.list[PendingWrite]
     ) -> builtins.list[dict[str, Any]]:
-        """Run one write of a group in the session of the group; return its journal entries.
+        """Run one write of a group, or a batch of them, in the session of the group.
 
-        The session expunges its rows after each write, because some writes change rows with
-        Core statements, which would leave the session's copies stale.
+        Returns the journal entries of the writes. The session expunges its rows after each
+        write, because some writes change rows with Core statements, which would leave the
+        session's copies stale.
         """
         try:
             changes = begin_write_changes(session, journals=True)
-            pending.result = pending.work(session, *pending.args)
+            if len(batch) == 1:
+                batch[0].result = batch[0].work(session, *batch[0].args)
+            else:
+                batch_form = BATCH_FORMS[batch[0].work]
+                results = batch_form(session, [pending.args for pending in batch])
+                for pending, result in zip(batch, results, strict=True):
+                    pending.result = result
             session.flush()
             return changes.journal_entries()
         finally:
@@ -507,6 +520,27 @@ def _missing_driver_error(parsed: URL, location: str, error: ImportError) -> Mis
     return MissingExtraError(
         f"The database driver for {location} is not installed ({error}). {advice}"
     )
+
+
+def _batches(group: builtins.list[PendingWrite]) -> builtins.list[builtins.list[PendingWrite]]:
+    """Split a group into single writes and batches of the writes that have a batch form.
+
+    The writes of one kind with a batch form make one batch, at the place of the first of
+    them. That reorders writes, which is safe. Every write of a group waits for its result
+    until the group commits, so the writes of a group are concurrent, and any order of
+    them is one in which their callers could have sent them.
+    """
+    batches: builtins.list[builtins.list[PendingWrite]] = []
+    by_work: dict[Callable[..., Any], builtins.list[PendingWrite]] = {}
+    for pending in group:
+        if pending.work not in BATCH_FORMS:
+            batches.append([pending])
+        elif pending.work in by_work:
+            by_work[pending.work].append(pending)
+        else:
+            by_work[pending.work] = [pending]
+            batches.append(by_work[pending.work])
+    return batches
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeGuard
 
 from sqlalchemy import bindparam, delete, func, insert, or_, update
 from sqlalchemy import select as select_columns
@@ -190,32 +190,13 @@ def finish(
     session: Session, task_id: str, instance_id: str, attempt: int, outcome: AttemptOutcome
 ) -> bool:
     row = session.execute(_LOCK_TASK, {"task_id": task_id}).mappings().first()
-    if (
-        row is None
-        or row["status"] != TaskStatus.RUNNING.value
-        or row["owner"] != instance_id
-        or row["attempts"] != attempt
-    ):
+    if not runs_attempt(row, instance_id, attempt):
         return False
 
-    # apply_outcome writes only the end of the current attempt, so its start is not read.
-    current = AttemptRecord(number=attempt, instance_id=instance_id, started_at=row["started_at"])
-    record = record_from_mapping(row, [current])
-    apply_outcome(record, outcome)
+    record = build_finished_record(row, instance_id, attempt, outcome)
     written = _changed_values(row, record)
     session.execute(_UPDATE_TASK, {"task_id": task_id, **written})
-    ended = record.attempt_history[-1]
-    session.execute(
-        _UPDATE_ATTEMPT,
-        {
-            "attempt_task_id": task_id,
-            "attempt_number": attempt,
-            "finished_at": ended.finished_at,
-            "status": ended.status.value,
-            "error_type": ended.error_type,
-            "error_message": ended.error_message,
-        },
-    )
+    session.execute(UPDATE_ATTEMPT, ended_attempt_values(record))
     write_changes(session).tasks_written([{**row, **written}])
     return True
 
@@ -349,24 +330,22 @@ _CLAIMABLE = (
     TASK_TABLE.c.cancel_requested.is_(False),
     or_(TASK_TABLE.c.scheduled_at.is_(None), TASK_TABLE.c.scheduled_at <= _NOW),
 )
-_START_ATTEMPTS = (
-    update(TASK_TABLE)
-    .values(
-        status=TaskStatus.RUNNING.value,
-        owner=bindparam("instance_id"),
-        started_at=_NOW,
-        scheduled_at=None,
-        attempts=TASK_TABLE.c.attempts + 1,
-    )
-    .returning(*TASK_COLUMNS)
-)
+STARTED_VALUES = {
+    "status": TaskStatus.RUNNING.value,
+    "owner": bindparam("instance_id"),
+    "started_at": _NOW,
+    "scheduled_at": None,
+    "attempts": TASK_TABLE.c.attempts + 1,
+}
+_START_ATTEMPTS = update(TASK_TABLE).values(STARTED_VALUES).returning(*TASK_COLUMNS)
 """Starts the next attempt of the tasks that a WHERE clause added to it selects."""
 # One UPDATE both checks and claims, so that of concurrent claims at most one matches.
-_CLAIM = _START_ATTEMPTS.where(
+CLAIM_CONDITIONS = (
     TASK_TABLE.c.id == bindparam("task_id"),
     or_(TASK_TABLE.c.owner.is_(None), TASK_TABLE.c.owner == bindparam("instance_id")),
     *_CLAIMABLE,
 )
+_CLAIM = _START_ATTEMPTS.where(*CLAIM_CONDITIONS)
 _LOCK_TASK = (
     select_columns(*TASK_COLUMNS).where(TASK_TABLE.c.id == bindparam("task_id")).with_for_update()
 )
@@ -378,10 +357,13 @@ _SHARE_TASK = (
 )
 # The columns to set are the other keys of the parameters.
 _UPDATE_TASK = update(TASK_TABLE).where(TASK_TABLE.c.id == bindparam("task_id"))
-_UPDATE_ATTEMPT = update(ATTEMPT_TABLE).where(
+UPDATE_ATTEMPT = update(ATTEMPT_TABLE).where(
     ATTEMPT_TABLE.c.task_id == bindparam("attempt_task_id"),
     ATTEMPT_TABLE.c.number == bindparam("attempt_number"),
 )
+_FIXED_COLUMNS = frozenset({"id", "name", "args", "kwargs", "created_at", "tags", "origin"})
+"""The task columns that never change after a task is created."""
+MUTABLE_COLUMNS = tuple(column.name for column in TASK_COLUMNS if column.name not in _FIXED_COLUMNS)
 _INSERT_NEW_TASKS: dict[str, ReturningInsert[tuple[str]]] = {
     "postgresql": postgres_insert(TASK_TABLE)
     .on_conflict_do_nothing(
@@ -407,6 +389,16 @@ def _records_started(
         AttemptRecord(number=row["attempts"], instance_id=instance_id, started_at=now)
         for row in rows
     ]
+    return start_attempts(session, rows, started)
+
+
+def start_attempts(
+    session: Session, rows: Sequence[Mapping[Any, Any]], started: Sequence[AttemptRecord]
+) -> list[TaskRecord]:
+    """Insert the attempt records of tasks just started, one per row of ``rows``.
+
+    Returns the tasks with their attempts.
+    """
     session.execute(
         _INSERT_ATTEMPTS,
         [
@@ -415,7 +407,7 @@ def _records_started(
         ],
     )
     history: dict[str, list[AttemptRecord]] = defaultdict(list)
-    repeated = [row["id"] for row in rows if row["attempts"] > 1]
+    repeated = {row["id"]: row["attempts"] for row in rows if row["attempts"] > 1}
     if repeated:
         statement = (
             select_columns(ATTEMPT_TABLE)
@@ -423,7 +415,7 @@ def _records_started(
             .order_by(ATTEMPT_TABLE.c.task_id, ATTEMPT_TABLE.c.number)
         )
         for attempt_row in session.execute(statement).mappings():
-            if attempt_row["number"] < _attempts_of(rows, attempt_row["task_id"]):
+            if attempt_row["number"] < repeated[attempt_row["task_id"]]:
                 history[attempt_row["task_id"]].append(attempt_from_mapping(attempt_row))
     write_changes(session).tasks_written(rows)
     return [
@@ -432,9 +424,47 @@ def _records_started(
     ]
 
 
-def _attempts_of(rows: Sequence[Mapping[Any, Any]], task_id: str) -> int:
-    attempts: int = next(row["attempts"] for row in rows if row["id"] == task_id)
-    return attempts
+def runs_attempt(
+    row: Mapping[Any, Any] | None, instance_id: str, attempt: int
+) -> TypeGuard[Mapping[Any, Any]]:
+    """Return whether the task of ``row`` runs ``attempt`` on ``instance_id``, as finish needs."""
+    return (
+        row is not None
+        and row["status"] == TaskStatus.RUNNING.value
+        and row["owner"] == instance_id
+        and row["attempts"] == attempt
+    )
+
+
+def build_finished_record(
+    row: Mapping[Any, Any], instance_id: str, attempt: int, outcome: AttemptOutcome
+) -> TaskRecord:
+    """Return the record of a running task with ``outcome`` applied to it and its attempt."""
+    # apply_outcome writes only the end of the current attempt, so its start is not read.
+    current = AttemptRecord(number=attempt, instance_id=instance_id, started_at=row["started_at"])
+    record = record_from_mapping(row, [current])
+    apply_outcome(record, outcome)
+    return record
+
+
+def ended_attempt_values(record: TaskRecord) -> dict[str, Any]:
+    """Return the parameters of ``UPDATE_ATTEMPT`` for the current attempt of ``record``."""
+    ended = record.attempt_history[-1]
+    return {
+        "attempt_task_id": record.id,
+        "attempt_number": ended.number,
+        "finished_at": ended.finished_at,
+        "status": ended.status.value,
+        "error_type": ended.error_type,
+        "error_message": ended.error_message,
+    }
+
+
+def mutable_values(record: TaskRecord) -> dict[str, Any]:
+    """Return the values of the task columns that can change after a task is created."""
+    values = {name: getattr(record, name) for name in MUTABLE_COLUMNS}
+    values["status"] = record.status.value
+    return values
 
 
 def _changed_values(row: Mapping[Any, Any], record: TaskRecord) -> dict[str, Any]:
@@ -442,15 +472,7 @@ def _changed_values(row: Mapping[Any, Any], record: TaskRecord) -> dict[str, Any
 
     Columns that never change after a task is created are not compared.
     """
-    values = task_values(record)
-    return {
-        name: value
-        for name, value in values.items()
-        if name not in _FIXED_COLUMNS and value != row[name]
-    }
-
-
-_FIXED_COLUMNS = frozenset({"id", "name", "args", "kwargs", "created_at", "tags", "origin"})
+    return {name: value for name, value in mutable_values(record).items() if value != row[name]}
 
 
 def _lock_active_tasks(session: Session, *conditions: Any, skip_locked: bool) -> list[TaskRow]:

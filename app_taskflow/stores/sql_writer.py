@@ -59,7 +59,9 @@ class GroupWriter:
         future = asyncio.get_running_loop().create_future()
         self._start()
         self._queue.put(PendingWrite(operation, work, args, future))
-        # Like a call in a worker thread, a cancelled caller waits until its write ends.
+        # As with anyio.to_thread.run_sync, a caller cancelled through an AnyIO cancel scope
+        # waits until its write ends. A plain asyncio cancel stops the wait at once, and the
+        # write still runs.
         with anyio.CancelScope(shield=True):
             return await future
 
