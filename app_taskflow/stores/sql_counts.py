@@ -1,17 +1,17 @@
 """Task counts per name and status, kept by database triggers, so metrics read no task rows.
 
-``taskflow_counts`` holds, per task name and status, the number of tasks, the number of
+``taskflow_counts`` contains, per task name and status, the number of tasks, the number of
 them with a duration, and the sum of those durations. Triggers on ``taskflow_tasks``
 keep it right through every write, by this store or by any other client of the database.
 
 On SQLite, which runs one write transaction at a time, row-level triggers update the
-counts in place. On PostgreSQL, where several instances write at once, a trigger that
-updated a shared count row would make every write of that name and status wait for the
-others, and two statements that claim tasks of several names in different orders could
-deadlock. So statement-level triggers append one delta row per name and status that a
-statement changed to ``taskflow_count_deltas``, which takes no lock that another writer
-waits for. The deltas are folded into ``taskflow_counts`` by one transaction at a time
-(see ``_POSTGRES_FOLD``), and a read sums the counts and the deltas not folded yet.
+counts in place. On PostgreSQL several instances write at once. A trigger that updated a
+shared count row would make every write of that name and status wait for the others, and
+two statements that claim tasks of several names in different orders could deadlock. So
+statement-level triggers append one delta row per name and status that a statement
+changed to ``taskflow_count_deltas``, which takes no lock that another writer waits for.
+One transaction at a time folds the deltas into ``taskflow_counts`` (see
+``_POSTGRES_FOLD``), and a read sums the counts and the deltas not folded yet.
 """
 
 from __future__ import annotations
@@ -192,8 +192,8 @@ def _postgres_delta_function(name: str, deltas: str) -> str:
 
 
 # An UPDATE counts the rows whose name, status or duration changed: minus their old
-# values, plus their new ones. Rows are paired by id; an unpaired row (its id changed)
-# counts on one side only, so any UPDATE keeps the counts right.
+# values, plus their new ones. Rows are paired by id. A row whose id changed has no pair,
+# so it counts once on each side, and any UPDATE keeps the counts right.
 _UPDATE_DELTAS = """WITH changed AS (
             SELECT old_tasks.name AS old_name, old_tasks.status AS old_status,
                 old_tasks.duration AS old_duration, new_tasks.name AS new_name,

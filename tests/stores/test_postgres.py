@@ -367,7 +367,7 @@ async def test_metrics_plans_use_indexes(
             rows = connection.execute(f"EXPLAIN {statement}", parameters).fetchall()
             plans[statement, tuple(parameters.values())] = "\n".join(row[0] for row in rows)
     [sample] = [plan for (statement, _), plan in plans.items() if "finished_at DESC" in statement]
-    # A frequent name may be read along the created_at index instead, which stops as soon.
+    # PostgreSQL may read a frequent name along the created_at index, which also stops early.
     [of_name] = [plan for (_, parameters), plan in plans.items() if "send_sms" in parameters]
     assert "using ix_taskflow_tasks_finished_at_id on taskflow_tasks" in sample, sample
     assert "using ix_taskflow_tasks_name_created_at_id on taskflow_tasks" in of_name, of_name

@@ -39,7 +39,7 @@ CREATED_AT = datetime(2030, 1, 1, tzinfo=UTC)
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Yield the URL of an empty database of each kind; a PostgreSQL one is dropped after."""
+    """Yield the URL of an empty database of each kind, and drop a PostgreSQL one after."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/tasks.db"
         return
