@@ -11,6 +11,7 @@ from sqlalchemy import (
     FromClause,
     Select,
     exists,
+    func,
     literal,
     or_,
     text,
@@ -188,31 +189,30 @@ def read_metrics(session: Session) -> TaskMetrics:
     if not totals:
         return metrics
 
-    recent = (
-        select_columns(col(TaskRow.name), col(TaskRow.duration))
-        .where(_FINISHED_WITH_DURATION)
-        .order_by(col(TaskRow.finished_at).desc(), col(TaskRow.id).desc())
-        .limit(DURATION_SAMPLE)
-    )
-    samples: dict[str, list[float]] = defaultdict(list)
-    for name, duration in session.execute(recent):
-        samples[name].append(duration)
-    overall_sample = sorted(duration for durations in samples.values() for duration in durations)
-    for name in totals.keys() - samples.keys():
-        samples[name] = list(session.execute(_recent_of_name(name)).scalars())
+    if session.get_bind().dialect.name == "postgresql":
+        percentiles_of = _postgres_percentiles
+    else:
+        percentiles_of = _sqlite_percentiles
+    overall, by_name = percentiles_of(session, _recent_durations())
+    for name in totals.keys() - by_name.keys():
+        _, of_name = percentiles_of(session, _recent_durations(name))
+        by_name.update(of_name)
 
     timed = sum(name_totals.timed for name_totals in totals.values())
     total_duration = sum(name_totals.total_duration for name_totals in totals.values())
-    metrics.duration = _stats(timed, total_duration, overall_sample)
+    metrics.duration = _stats(timed, total_duration, overall)
     for name, name_totals in totals.items():
         metrics.by_name[name].duration = _stats(
-            name_totals.timed, name_totals.total_duration, sorted(samples[name])
+            name_totals.timed, name_totals.total_duration, by_name.get(name, {})
         )
     return metrics
 
 
 DURATION_SAMPLE = 10_000
 """Most recently finished tasks whose durations give the percentiles."""
+
+_PERCENTS = (50, 95)
+"""The percentiles of ``DurationStats``: p50 and p95, by the nearest-rank method."""
 
 _ACTIVE_SQL = ", ".join(f"'{status.value}'" for status in sorted(ACTIVE_STATUSES))
 # "Not active" rather than an IN list of finished statuses, because SQLite would read such a
@@ -222,24 +222,78 @@ _FINISHED_WITH_DURATION = text(
     f"status NOT IN ({_ACTIVE_SQL}) AND duration IS NOT NULL AND finished_at IS NOT NULL"
 )
 
+Percentiles = dict[int, float]
+"""Durations keyed by percent."""
 
-def _recent_of_name(name: str) -> Select[float | None]:
-    # Read along the (name, created_at, id) index, which stops after DURATION_SAMPLE tasks
-    # of the name. Ordering by finished_at would read every task of the name.
-    return (
-        select_columns(col(TaskRow.duration))
-        .where(col(TaskRow.name) == name, _FINISHED_WITH_DURATION)
-        .order_by(col(TaskRow.created_at).desc(), col(TaskRow.id).desc())
-        .limit(DURATION_SAMPLE)
+
+def _recent_durations(name: str | None = None) -> Select[str, float | None]:
+    """Return the query of the names and durations of the most recently finished tasks.
+
+    With ``name``, it reads the most recently created ones of that name, along the
+    (name, created_at, id) index, which stops after the sample. Ordering by finished_at
+    would read every task of the name.
+    """
+    statement = select_columns(col(TaskRow.name), col(TaskRow.duration)).where(
+        _FINISHED_WITH_DURATION
     )
+    order: tuple[Any, ...]
+    if name is None:
+        order = (col(TaskRow.finished_at).desc(), col(TaskRow.id).desc())
+    else:
+        statement = statement.where(col(TaskRow.name) == name)
+        order = (col(TaskRow.created_at).desc(), col(TaskRow.id).desc())
+    return statement.order_by(*order).limit(DURATION_SAMPLE)
 
 
-def _stats(count: int, total: float, sorted_sample: list[float]) -> DurationStats:
+def _sqlite_percentiles(
+    session: Session, recent: Select[str, float | None]
+) -> tuple[Percentiles, dict[str, Percentiles]]:
+    """Return the percentiles of the sample ``recent`` overall and per name.
+
+    SQLite has no percentile function. Ranking the sample with window functions took
+    43 ms, against 18 ms for sorting it here (a million tasks, a shared 2-CPU machine).
+    """
+    samples: dict[str, list[float]] = defaultdict(list)
+    for name, duration in session.execute(recent):
+        samples[name].append(duration)
+    overall = sorted(duration for durations in samples.values() for duration in durations)
+    by_name = {name: _percentiles(sorted(durations)) for name, durations in samples.items()}
+    return _percentiles(overall), by_name
+
+
+def _percentiles(sorted_sample: list[float]) -> Percentiles:
     if not sorted_sample:
-        return DurationStats(count=count, mean=total / count)
+        return {}
+    return {percent: percentile(sorted_sample, percent / 100) for percent in _PERCENTS}
+
+
+def _postgres_percentiles(
+    session: Session, recent: Select[str, float | None]
+) -> tuple[Percentiles, dict[str, Percentiles]]:
+    """Return the percentiles of the sample ``recent`` overall and per name."""
+    sample = recent.subquery("recent")
+    # percentile_disc returns the first value whose cumulative distribution reaches the
+    # fraction, which is the nearest-rank percentile.
+    statement = select_columns(
+        sample.c.name,
+        func.grouping(sample.c.name),
+        *(
+            func.percentile_disc(percent / 100).within_group(sample.c.duration)
+            for percent in _PERCENTS
+        ),
+    ).group_by(text("GROUPING SETS ((name), ())"))
+    overall: Percentiles = {}
+    by_name: dict[str, Percentiles] = {}
+    for name, is_overall, *values in session.execute(statement):
+        percentiles = dict(zip(_PERCENTS, values, strict=True))
+        if is_overall:
+            overall = percentiles
+        else:
+            by_name[name] = percentiles
+    return overall, by_name
+
+
+def _stats(count: int, total: float, percentiles: Percentiles) -> DurationStats:
     return DurationStats(
-        count=count,
-        mean=total / count,
-        p50=percentile(sorted_sample, 0.50),
-        p95=percentile(sorted_sample, 0.95),
+        count=count, mean=total / count, p50=percentiles.get(50), p95=percentiles.get(95)
     )
