@@ -2,10 +2,11 @@
 
 The history is written straight into the SQL store's tables, after the store's own
 ``open()`` created them, because adding and running a million tasks through the library
-would take hours. Each task gets one attempt row and no log entry; 94 % end SUCCESS, 5 %
-FAILED and 1 % CANCELLED, under 20 task names, created over the last 30 days. PostgreSQL
-gets an ``ANALYZE`` afterwards, as its autovacuum would run after such a load; SQLite gets
-none, because nothing runs it in production either.
+would take hours. The store's triggers count these rows for the metrics as they go in.
+Each task gets one attempt row and no log entry; 94 % end SUCCESS, 5 % FAILED and 1 %
+CANCELLED, under 20 task names, created over the last 30 days. PostgreSQL gets an
+``ANALYZE`` afterwards, as its autovacuum would run after such a load; SQLite gets none,
+because nothing runs it in production either.
 
 A uvicorn process then serves the app-taskflow app over that store: its start-up time is
 measured, then each API call is made one at a time from this process.
@@ -95,6 +96,8 @@ def bulk_load(store: dict[str, Any], count: int) -> tuple[float, list[str]]:
 
     engine = sqlalchemy.create_engine(sqlalchemy_url(store))
     postgres = engine.dialect.name == "postgresql"
+    if not postgres:
+        sqlalchemy.event.listen(engine, "connect", _keep_temporary_files_in_memory)
     sample: list[str] = []
     started = perf_counter()
     try:
@@ -119,6 +122,14 @@ def bulk_load(store: dict[str, Any], count: int) -> tuple[float, list[str]]:
     finally:
         engine.dispose()
     return perf_counter() - started, sample
+
+
+def _keep_temporary_files_in_memory(dbapi_connection: Any, connection_record: object) -> None:
+    # The store's count triggers make every insert keep a statement journal, which outgrows
+    # its memory buffer in a transaction this long and goes to a temporary file. Kept in
+    # memory, 100,000 rows took 7.5 s instead of 9.4 s (6.3 s without the triggers), on a
+    # shared 2-CPU machine.
+    dbapi_connection.execute("PRAGMA temp_store = MEMORY")
 
 
 def _copy_rows(connection: sqlalchemy.Connection, table: str, rows: list[dict[str, Any]]) -> None:

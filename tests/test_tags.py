@@ -589,9 +589,13 @@ async def test_sql_migration_fills_tags(tmp_path: Path) -> None:
     records = [tagged_record({"user_id": str(n % 3), "note": "a:b"}) for n in range(2500)]
     await store.create(records)
     await store.close()
-    # Back to schema version 2, which kept tags only in the task table's tags column.
+    # Back to schema version 2, which kept tags only in the task table's tags column and had
+    # no task counts.
     with closing(sqlite3.connect(tmp_path / "tasks.db")) as connection, connection:
         connection.execute("DROP TABLE taskflow_tags")
+        for event in ("insert", "update", "delete"):
+            connection.execute(f"DROP TRIGGER taskflow_tasks_count_{event}")
+        connection.execute("DROP TABLE taskflow_counts")
         connection.execute("UPDATE taskflow_schema_version SET version = 2")
 
     store = SqlStore(url)

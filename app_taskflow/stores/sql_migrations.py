@@ -23,6 +23,7 @@ from sqlalchemy import (
 from sqlmodel import Session
 
 from app_taskflow.errors import SchemaVersionError
+from app_taskflow.stores.sql_counts import add_count_tables
 from app_taskflow.stores.sql_schema import (
     HOLDS_IDEMPOTENCY_KEY,
     OWNERLESS_PENDING,
@@ -234,6 +235,7 @@ MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _create_version_1_tables,
     _add_page_indexes_and_change_feed,
     _add_tags_table,
+    add_count_tables,
 )
 """Schema migrations in order: ``MIGRATIONS[n]`` takes the schema from version n to n + 1."""
 

@@ -9,11 +9,14 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Column,
     DateTime,
     Dialect,
+    Float,
     Index,
     Integer,
     String,
+    Table,
     Text,
     TypeDecorator,
     text,
@@ -214,6 +217,40 @@ class ChangeRow(TaskflowTable, table=True):
     task_id: str
     summary: str | None = Field(default=None, sa_type=Text)
     log_id: int | None = None
+
+
+class CountRow(TaskflowTable, table=True):
+    """The tasks of one name in one status, counted by triggers on ``taskflow_tasks``.
+
+    On PostgreSQL the count is the sum of this row and the rows of ``taskflow_count_deltas``
+    for the same name and status. ``sql_counts.py`` creates both tables and the triggers.
+    """
+
+    __tablename__ = "taskflow_counts"
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+    name: str = Field(primary_key=True)
+    status: str = Field(primary_key=True, sa_type=String(16))
+    tasks: int = Field(sa_type=BigInteger)
+    timed: int = Field(sa_type=BigInteger)
+    """Tasks whose ``duration`` is not null."""
+    total_duration: float
+    """Sum of their durations in seconds."""
+
+
+COUNT_DELTA_TABLE = Table(
+    "taskflow_count_deltas",
+    TaskflowTable.metadata,
+    Column("name", String, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("tasks", BigInteger, nullable=False),
+    Column("timed", BigInteger, nullable=False),
+    Column("total_duration", Float, nullable=False),
+)
+"""PostgreSQL only: changes to ``taskflow_counts`` that are not folded into it yet.
+
+The table has no primary key, because rows are only appended and then deleted together.
+"""
 
 
 class SchemaVersionRow(TaskflowTable, table=True):

@@ -33,6 +33,7 @@ from test_sql import (
 
 from app_taskflow.errors import SchemaVersionError, StoreUnavailableError, TaskStateError
 from app_taskflow.models import AttemptOutcome, LogEntry, TaskQuery, TaskRecord, TaskStatus
+from app_taskflow.stores import sql_queries
 from app_taskflow.stores.sql import SqlStore
 from app_taskflow.stores.sql_migrations import SCHEMA_VERSION
 from app_taskflow.stores.sql_watch import LISTENER_NAME
@@ -336,6 +337,43 @@ async def test_list_plans_use_indexes(
         assert "Sort  (" not in plans[name], plans[name]
         assert "Seq Scan" not in plans[name], plans[name]
     assert "Merge Append" in plans["statuses"]
+
+
+async def test_metrics_plans_use_indexes(
+    open_store: StoreOpener,
+    database_url: str,
+    make_record: RecordFactory,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sql_queries, "DURATION_SAMPLE", 5)
+    store = await open_store()
+    records = finished_records(make_record, clock, seed=3)
+    # send_sms finished first, so its percentiles come from a read of its own.
+    records.sort(key=lambda record: record.name != "send_sms")
+    for position, record in enumerate(records):
+        record.finished_at = clock(position)
+    await store.create(records)
+
+    with executed_statements() as statements:
+        await store.metrics()
+
+    plans = {}
+    with psycopg.connect(plain_url(database_url), autocommit=True) as connection:
+        connection.execute("ANALYZE")
+        connection.execute("SET enable_seqscan = off")
+        connection.execute("SET enable_sort = off")
+        for statement, parameters in statements:
+            rows = connection.execute(f"EXPLAIN {statement}", parameters).fetchall()
+            plans[statement, tuple(parameters.values())] = "\n".join(row[0] for row in rows)
+    [sample] = [plan for (statement, _), plan in plans.items() if "finished_at DESC" in statement]
+    # PostgreSQL may read a frequent name along the created_at index, which also stops early.
+    [of_name] = [plan for (_, parameters), plan in plans.items() if "send_sms" in parameters]
+    assert "using ix_taskflow_tasks_finished_at_id on taskflow_tasks" in sample, sample
+    assert "using ix_taskflow_tasks_name_created_at_id on taskflow_tasks" in of_name, of_name
+    # Counts come from the counters: only reads of a sample touch the tasks table.
+    readers = [key for key, plan in plans.items() if "on taskflow_tasks" in plan]
+    assert all("LIMIT" in statement for statement, _ in readers), readers
 
 
 async def test_list_search_folds_non_ascii_case(
