@@ -179,6 +179,17 @@ class TaskStore(ABC):
         Atomicity: each task is taken back by at most one caller.
         """
 
+    async def has_expired_leases(self, now: datetime) -> bool:
+        """Return whether a lease that expired before ``now`` is still stored.
+
+        The dispatcher calls this every poll interval and ``recover_expired`` only when it
+        returns ``True``, because this reads the leases alone while ``recover_expired``
+        reads every active task. A lease that ends at ``now`` has not expired, as in
+        ``recover_expired``. A store without a cheaper check keeps this default, which
+        returns ``True``, so that the dispatcher recovers at every poll.
+        """
+        return True
+
     @abstractmethod
     async def release(self, instance_id: str, now: datetime) -> RecoveryReport:
         """Hand back every task of one instance at shutdown and delete its lease.

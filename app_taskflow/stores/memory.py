@@ -156,6 +156,9 @@ class MemoryStore(TaskStore):
             and record.cancel_requested
         ]
 
+    async def has_expired_leases(self, now: datetime) -> bool:
+        return any(expires_at < now for expires_at in self._leases.values())
+
     async def recover_expired(self, now: datetime) -> RecoveryReport:
         expired = {owner for owner, expires_at in self._leases.items() if expires_at < now}
         for owner in expired:

@@ -245,6 +245,17 @@ class RedisStore(TaskStore):
         released, requeued, interrupted = await self._run("recover_expired", args=[to_micros(now)])
         return RecoveryReport(released=released, requeued=requeued, interrupted=interrupted)
 
+    async def has_expired_leases(self, now: datetime) -> bool:
+        # The scores of the lease set are the ends of the leases; "(" excludes a lease
+        # that ends at now, as recover_expired does.
+        try:
+            expired = await self._client.zrangebyscore(
+                self._key("leases"), "-inf", f"({to_micros(now)}", start=0, num=1
+            )
+        except RedisError as error:
+            raise self._store_error("has_expired_leases", error) from error
+        return bool(expired)
+
     async def release(self, instance_id: str, now: datetime) -> RecoveryReport:
         released, requeued, interrupted = await self._run(
             "release", args=[instance_id, to_micros(now)]

@@ -45,7 +45,12 @@ from app_taskflow.stores import sql_operations as operations
 from app_taskflow.stores.base import TaskStore
 from app_taskflow.stores.sql_batches import BATCH_FORMS
 from app_taskflow.stores.sql_migrations import migrate
-from app_taskflow.stores.sql_queries import list_page, load_record, read_metrics
+from app_taskflow.stores.sql_queries import (
+    has_expired_leases,
+    list_page,
+    load_record,
+    read_metrics,
+)
 from app_taskflow.stores.sql_watch import (
     TRIM_EVERY,
     ChangeFeed,
@@ -205,6 +210,9 @@ class SqlStore(TaskStore):
 
     async def recover_expired(self, now: datetime) -> RecoveryReport:
         return await self._write("recover_expired", operations.recover_expired, now)
+
+    async def has_expired_leases(self, now: datetime) -> bool:
+        return await self._read("has_expired_leases", has_expired_leases, now)
 
     async def release(self, instance_id: str, now: datetime) -> RecoveryReport:
         return await self._write("release", operations.release, instance_id, now)

@@ -1,4 +1,4 @@
-"""The read queries of SqlStore: one task, pages of tasks, and metrics."""
+"""The read queries of SqlStore: one task, pages of tasks, metrics and expired leases."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from app_taskflow.stores.sql_schema import (
     TAG_TABLE,
     TASK_TABLE,
     AttemptRow,
+    LeaseRow,
     LogRow,
     TaskRow,
     UtcDateTime,
@@ -60,6 +61,12 @@ def full_record(session: Session, row: TaskRow) -> TaskRecord:
     log_statement = select(LogRow).where(col(LogRow.task_id) == row.id)
     logs = session.exec(log_statement.order_by(col(LogRow.id))).all()
     return record_from_row(row, attempts=attempts, logs=logs)
+
+
+def has_expired_leases(session: Session, now: datetime) -> bool:
+    """Return whether a lease that expired before ``now`` is still stored."""
+    statement = select(LeaseRow.instance_id).where(col(LeaseRow.expires_at) < now).limit(1)
+    return session.exec(statement).first() is not None
 
 
 def list_page(session: Session, query: TaskQuery, after: tuple[datetime, str] | None) -> TaskPage:

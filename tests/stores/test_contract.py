@@ -896,6 +896,51 @@ async def test_recover_expired_second_call_recovers_nothing(
     assert await store.recover_expired(clock(21)) == RecoveryReport()
 
 
+async def test_recover_expired_releases_every_pending(
+    store: TaskStore, make_record: RecordFactory, clock: Clock
+) -> None:
+    task_ids = [await create_task(store, make_record(owner=INSTANCE_A)) for _ in range(5)]
+    live_id = await create_task(store, make_record(owner=INSTANCE_B))
+    await store.heartbeat(INSTANCE_A, clock(0), expires_at=clock(10))
+    await store.heartbeat(INSTANCE_B, clock(0), expires_at=clock(30))
+
+    report = await store.recover_expired(clock(20))
+
+    assert report == RecoveryReport(released=task_ids)
+    claimed = await store.claim_next(INSTANCE_B, clock(21), limit=10, names=TASK_NAMES)
+    assert [task.id for task in claimed] == task_ids
+    live = await store.get(live_id)
+    assert live is not None
+    assert live.owner == INSTANCE_B
+
+
+# has_expired_leases
+
+
+async def test_has_expired_leases_none_stored(store: TaskStore, clock: Clock) -> None:
+    assert not await store.has_expired_leases(clock(20))
+
+
+async def test_has_expired_leases_finds_expired(store: TaskStore, clock: Clock) -> None:
+    await store.heartbeat(INSTANCE_A, clock(0), expires_at=clock(10))
+    await store.heartbeat(INSTANCE_B, clock(0), expires_at=clock(30))
+
+    assert await store.has_expired_leases(clock(20))
+
+
+async def test_has_expired_leases_keeps_lease_ending_now(store: TaskStore, clock: Clock) -> None:
+    await store.heartbeat(INSTANCE_A, clock(0), expires_at=clock(20))
+
+    assert not await store.has_expired_leases(clock(20))
+
+
+async def test_has_expired_leases_after_recovery(store: TaskStore, clock: Clock) -> None:
+    await store.heartbeat(INSTANCE_A, clock(0), expires_at=clock(10))
+    await store.recover_expired(clock(20))
+
+    assert not await store.has_expired_leases(clock(21))
+
+
 # release
 
 
