@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -38,6 +39,12 @@ _OTHER_FAILURE_RETRIES = 5
 _SHUTDOWN_STORE_WAIT = 5.0
 """Seconds a stopping instance waits for an unreachable store before it gives up."""
 _BUFFER_BATCH = 500
+_MAX_CLAIM = 100
+"""Maximum number of tasks that one ``claim_next`` call claims."""
+_CLAIM_BATCH_DIVISOR = 4
+"""Under a backlog, the poll loop claims once 1/4 of the slots (at most ``_MAX_CLAIM``) are free."""
+_CLAIM_COALESCE_DELAY = 0.05
+"""Maximum seconds a free slot waits for others to free up, so that one claim fills them all."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +54,12 @@ class DispatcherSettings:
     Attributes:
         max_concurrency: tasks of this instance running at once, sync and async together.
         sync_workers: threads for sync task functions.
-        heartbeat_interval: seconds between renewals of this instance's lease.
+        heartbeat_interval: seconds between renewals of this instance's lease, and between
+            full recovery passes, which also take back tasks whose owner has no lease.
         lease_expiry: seconds a lease lasts without renewal; after that, other instances
             take back this instance's tasks.
-        poll_interval: seconds between looks for tasks that no instance owns.
+        poll_interval: seconds between looks for tasks that no instance owns, and for
+            leases that expired.
         shutdown_grace: seconds running tasks get to finish at shutdown.
         retry_delay_scale: factor applied to every retry delay (0 makes retries immediate).
         outage_policy: what ``add_task`` does while the store is unreachable: ``raise``
@@ -135,6 +144,9 @@ class Dispatcher:
         self._buffer = TaskBuffer(settings.outage_buffer_size)
         self._buffer_ready = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._poll_now = asyncio.Event()
+        self._lease_valid_until = 0.0
+        """Loop time until which this instance's lease lasts at least, from its last renewal."""
 
     @property
     def running_count(self) -> int:
@@ -143,15 +155,17 @@ class Dispatcher:
 
     async def start(self) -> None:
         """Take the lease, recover orphaned tasks and start the background loops."""
-        now = self._clock()
-        await self.store.heartbeat(self.instance_id, now, self._lease_end(now))
-        self._log_recovery(await self.store.recover_expired(now))
+        await self._renew_lease()
+        self._log_recovery(await self.store.recover_expired(self._clock()))
         self._loops = [
             asyncio.create_task(self._heartbeat_loop(), name="app-taskflow-heartbeat"),
+            asyncio.create_task(self._recovery_loop(), name="app-taskflow-recovery"),
             asyncio.create_task(self._poll_loop(), name="app-taskflow-poll"),
             asyncio.create_task(self._buffer_loop(), name="app-taskflow-buffer"),
             asyncio.create_task(self._retention_loop(), name="app-taskflow-retention"),
         ]
+        # The first poll runs at once, for the tasks handed back by a previous run.
+        self._poll_now.set()
         log.info("Dispatcher started as instance {}", self.instance_id)
 
     def submit(self, task_id: str, name: str) -> None:
@@ -394,14 +408,43 @@ class Dispatcher:
             cancel_ids = await self._store_call("renew the lease", self._renew_lease)
             for task_id in cancel_ids or []:
                 self.request_cancel(task_id)
-            if self._other_instances_may_lag():
+
+    async def _recovery_loop(self) -> None:
+        """Take back the tasks of expired instances soon after their lease ends.
+
+        A lease may end at any moment, so every poll interval one small query reads the
+        leases, and the tasks are taken back when a lease has expired. A full pass runs
+        every heartbeat interval whatever the leases, because it also takes back tasks
+        whose owner has no lease at all. Such a task was stored by an instance after it
+        handed its tasks back, or skipped by a pass because another transaction held it.
+        """
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        full_pass_at = loop.time() + settings.heartbeat_interval
+        while not self._stopping:
+            await asyncio.sleep(min(settings.poll_interval, settings.heartbeat_interval))
+            if self._other_instances_may_lag() or loop.time() >= self._lease_valid_until:
+                # After a pause longer than the lease expiry, this instance's own lease may
+                # have expired. Recovery waits for the heartbeat to renew it, so that it does
+                # not take back this instance's own tasks.
                 continue
+            if loop.time() < full_pass_at:
+                expired = await self._store_call(
+                    "look for expired leases",
+                    lambda: self.store.has_expired_leases(self._clock()),
+                )
+                if not expired:
+                    continue
+            full_pass_at = loop.time() + settings.heartbeat_interval
             report = await self._store_call(
                 "recover tasks of expired instances",
                 lambda: self.store.recover_expired(self._clock()),
             )
-            if report is not None:
-                self._log_recovery(report)
+            if report is None:
+                continue
+            self._log_recovery(report)
+            if report.released or report.requeued:
+                self._poll_now.set()
 
     def _other_instances_may_lag(self) -> bool:
         """Return whether other instances may not have renewed their leases since an outage.
@@ -421,24 +464,27 @@ class Dispatcher:
         # than the expiry would otherwise store an end already past, and the recovery that
         # follows would take this instance's own tasks back.
         now = self._clock()
-        return await self.store.heartbeat(self.instance_id, now, self._lease_end(now))
+        valid_until = asyncio.get_running_loop().time() + self._settings.lease_expiry
+        cancel_ids = await self.store.heartbeat(self.instance_id, now, self._lease_end(now))
+        self._lease_valid_until = valid_until
+        return cancel_ids
 
     async def _poll_loop(self) -> None:
         backlog = False
         while not self._stopping:
             if backlog:
                 # The last poll filled every free slot, so more ownerless tasks may wait
-                # (after a recovery, thousands): poll again as soon as a slot frees up.
-                await self._slot_freed.wait()
-                self._slot_freed.clear()
+                # (after a recovery, thousands): poll again as soon as slots free up.
+                await self._wait_for_free_slots()
             else:
-                await asyncio.sleep(self._settings.poll_interval)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poll_now.wait(), self._settings.poll_interval)
+                self._poll_now.clear()
             await self._flush_logs()
-            free = self._settings.max_concurrency - len(self._active) - len(self._queue)
-            backlog = False
+            free = self._free_slots()
             if free <= 0:
                 continue
-            requested = min(free, 100)
+            requested = min(free, _MAX_CLAIM)
             records = await self._store_call(
                 "claim ownerless tasks",
                 partial(
@@ -456,6 +502,37 @@ class Dispatcher:
                 )
             for record in records or []:
                 self._spawn(record.id, record)
+
+    async def _wait_for_free_slots(self) -> None:
+        """Wait until a batch of slots is free, or a poll interval passed.
+
+        Slots free up one task at a time, and claiming at the first would claim one task
+        per store call. So once a slot is free, this waits up to ``_CLAIM_COALESCE_DELAY``
+        for a batch of slots to be free, and the next claim fills them in one call.
+        """
+        loop = asyncio.get_running_loop()
+        batch_size = max(1, min(self._settings.max_concurrency, _MAX_CLAIM) // _CLAIM_BATCH_DIVISOR)
+        # The poll loop also saves task logs, so it waits at most one poll interval.
+        deadline = loop.time() + self._settings.poll_interval
+        coalescing = False
+        while not self._stopping:
+            free = self._free_slots()
+            if free >= batch_size:
+                return
+            if free > 0 and not coalescing:
+                coalescing = True
+                deadline = min(deadline, loop.time() + _CLAIM_COALESCE_DELAY)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._slot_freed.clear()
+            try:
+                await asyncio.wait_for(self._slot_freed.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _free_slots(self) -> int:
+        return self._settings.max_concurrency - len(self._active) - len(self._queue)
 
     async def _retention_loop(self) -> None:
         settings = self._settings
