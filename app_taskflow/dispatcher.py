@@ -423,28 +423,42 @@ class Dispatcher:
         full_pass_at = loop.time() + settings.heartbeat_interval
         while not self._stopping:
             await asyncio.sleep(min(settings.poll_interval, settings.heartbeat_interval))
-            if self._other_instances_may_lag() or loop.time() >= self._lease_valid_until:
-                # After a pause longer than the lease expiry, this instance's own lease may
-                # have expired. Recovery waits for the heartbeat to renew it, so that it does
-                # not take back this instance's own tasks.
+            if self._recovery_may_take_live_tasks():
                 continue
             if loop.time() < full_pass_at:
                 expired = await self._store_call(
                     "look for expired leases",
                     lambda: self.store.has_expired_leases(self._clock()),
+                    wait_out_outage=False,
                 )
-                if not expired:
+                # The look may be the first call to succeed after an outage, after which
+                # every instance, this one included, renews its lease before any recovery.
+                if not expired or self._recovery_may_take_live_tasks():
                     continue
             full_pass_at = loop.time() + settings.heartbeat_interval
+            # A recovery retried through an outage would run as the store comes back,
+            # before the leases are renewed, so an outage skips this pass.
             report = await self._store_call(
                 "recover tasks of expired instances",
                 lambda: self.store.recover_expired(self._clock()),
+                wait_out_outage=False,
             )
             if report is None:
                 continue
             self._log_recovery(report)
             if report.released or report.requeued:
                 self._poll_now.set()
+
+    def _recovery_may_take_live_tasks(self) -> bool:
+        """Return whether a recovery now might take back the tasks of a live instance.
+
+        That is so while the store is unreachable, and while other instances may lag after
+        an outage. It is also so while this instance's own lease may have expired, after a
+        pause longer than the lease expiry, until the heartbeat renews it.
+        """
+        if self.health.is_down or self._other_instances_may_lag():
+            return True
+        return asyncio.get_running_loop().time() >= self._lease_valid_until
 
     def _other_instances_may_lag(self) -> bool:
         """Return whether other instances may not have renewed their leases since an outage.
@@ -571,13 +585,20 @@ class Dispatcher:
                     partial(self.store.append_logs, task_id, entries),
                 )
 
-    async def _store_call(self, action: str, call: Callable[[], Awaitable[T]]) -> T | None:
+    async def _store_call(
+        self,
+        action: str,
+        call: Callable[[], Awaitable[T]],
+        *,
+        wait_out_outage: bool = True,
+    ) -> T | None:
         """Run a store call and return its result, or None once it gave up.
 
         An unreachable store is waited out with backoff for as long as the dispatcher runs,
         so that the results of tasks that ran during an outage are written once the store
         is back. Once the dispatcher is stopping, the wait ends after
-        ``_SHUTDOWN_STORE_WAIT`` seconds. Any
+        ``_SHUTDOWN_STORE_WAIT`` seconds. With ``wait_out_outage`` False, an unreachable
+        store gives up at once, for a call that is safe only while the store answers. Any
         other error is retried a few times, then logged at ERROR and given up.
         """
         loop = asyncio.get_running_loop()
@@ -591,6 +612,8 @@ class Dispatcher:
             except Exception as error:
                 if is_unavailable(error):
                     self.health.record_failure(action, error)
+                    if not wait_out_outage:
+                        return None
                     if self._stopping:
                         # One deadline for the whole shutdown, not one per call.
                         if self._store_wait_ends_at is None:
