@@ -45,6 +45,8 @@ _CLAIM_BATCH_DIVISOR = 4
 """Under a backlog, the poll loop claims once 1/4 of the slots (at most ``_MAX_CLAIM``) are free."""
 _CLAIM_COALESCE_DELAY = 0.05
 """Maximum seconds a free slot waits for others to free up, so that one claim fills them all."""
+_LEASE_END_MARGIN = 0.01
+"""Seconds after the end of a lease at which the recovery loop looks again."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,14 @@ def _internal_failure(
     )
 
 
+def _add_batch(report: RecoveryReport, batch: RecoveryReport) -> bool:
+    """Add the tasks of one ``recover_expired`` call to ``report``; return whether it had any."""
+    report.released.extend(batch.released)
+    report.requeued.extend(batch.requeued)
+    report.interrupted.extend(batch.interrupted)
+    return bool(batch.released or batch.requeued or batch.interrupted)
+
+
 def new_instance_id() -> str:
     """Return an id for this app instance: host, process id and a random suffix."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -156,7 +166,10 @@ class Dispatcher:
     async def start(self) -> None:
         """Take the lease, recover orphaned tasks and start the background loops."""
         await self._renew_lease()
-        self._log_recovery(await self.store.recover_expired(self._clock()))
+        recovered = RecoveryReport()
+        while _add_batch(recovered, await self.store.recover_expired(self._clock())):
+            pass
+        self._log_recovery(recovered)
         self._loops = [
             asyncio.create_task(self._heartbeat_loop(), name="app-taskflow-heartbeat"),
             asyncio.create_task(self._recovery_loop(), name="app-taskflow-recovery"),
@@ -412,42 +425,60 @@ class Dispatcher:
     async def _recovery_loop(self) -> None:
         """Take back the tasks of expired instances soon after their lease ends.
 
-        A lease may end at any moment, so every poll interval one small query reads the
-        leases, and the tasks are taken back when a lease has expired. A full pass runs
-        every heartbeat interval whatever the leases, because it also takes back tasks
-        whose owner has no lease at all. Such a task was stored by an instance after it
-        handed its tasks back, or skipped by a pass because another transaction held it.
+        Every poll interval, one small query reads when the next lease ends. The tasks are
+        taken back once that time is past, and the loop sleeps until just after it when it
+        comes before the next look. A full pass runs every heartbeat interval whatever the
+        leases, because it also takes back tasks whose owner has no lease at all. Such a
+        task was stored by an instance after it handed its tasks back, or skipped by a pass
+        because another transaction held it.
         """
         settings = self._settings
         loop = asyncio.get_running_loop()
+        interval = min(settings.poll_interval, settings.heartbeat_interval)
         full_pass_at = loop.time() + settings.heartbeat_interval
+        wait = 0.0  # start() has just recovered, but the first read of the leases is due.
         while not self._stopping:
-            await asyncio.sleep(min(settings.poll_interval, settings.heartbeat_interval))
+            await asyncio.sleep(wait)
+            wait = interval
             if self._recovery_may_take_live_tasks():
                 continue
             if loop.time() < full_pass_at:
-                expired = await self._store_call(
-                    "look for expired leases",
-                    lambda: self.store.has_expired_leases(self._clock()),
+                lease_end = await self._store_call(
+                    "read when the next lease ends",
+                    self.store.earliest_lease_end,
                     wait_out_outage=False,
                 )
-                # The look may be the first call to succeed after an outage, after which
+                if lease_end is None:
+                    continue
+                # A lease that ends at this very moment has not expired yet.
+                remaining = (lease_end - self._clock()).total_seconds()
+                if remaining >= 0:
+                    wait = min(interval, remaining + _LEASE_END_MARGIN)
+                    continue
+                # The read may be the first call to succeed after an outage, after which
                 # every instance, this one included, renews its lease before any recovery.
-                if not expired or self._recovery_may_take_live_tasks():
+                if self._recovery_may_take_live_tasks():
                     continue
             full_pass_at = loop.time() + settings.heartbeat_interval
+            await self._recover_expired()
+
+    async def _recover_expired(self) -> None:
+        """Take back the tasks of expired instances, a batch per store call, and log them."""
+        recovered = RecoveryReport()
+        while not self._recovery_may_take_live_tasks():
             # A recovery retried through an outage would run as the store comes back,
-            # before the leases are renewed, so an outage skips this pass.
-            report = await self._store_call(
+            # before the leases are renewed, so an outage ends this pass.
+            batch = await self._store_call(
                 "recover tasks of expired instances",
                 lambda: self.store.recover_expired(self._clock()),
                 wait_out_outage=False,
             )
-            if report is None:
-                continue
-            self._log_recovery(report)
-            if report.released or report.requeued:
+            if batch is None or not _add_batch(recovered, batch):
+                break
+            if batch.released or batch.requeued:
+                # The poll loop claims the first batch while the next ones are taken back.
                 self._poll_now.set()
+        self._log_recovery(recovered)
 
     def _recovery_may_take_live_tasks(self) -> bool:
         """Return whether a recovery now might take back the tasks of a live instance.

@@ -8,6 +8,7 @@ import time
 from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
+from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
@@ -19,7 +20,7 @@ from app_taskflow import TaskflowTasks, TaskStatus, task_log
 from app_taskflow import dispatcher as dispatcher_module
 from app_taskflow.dispatcher import DispatcherSettings
 from app_taskflow.models import TaskRecord, new_task_id, utcnow
-from app_taskflow.stores import MemoryStore, TaskStore
+from app_taskflow.stores import MemoryStore, SqlStore, TaskStore, sql_operations
 from app_taskflow.taskflow import Taskflow
 
 Tasks = Annotated[TaskflowTasks, Depends()]
@@ -468,6 +469,56 @@ async def test_dispatcher_recovers_soon_after_expiry() -> None:
     assert before_expiry is not None
     assert before_expiry.owner == "instance-gone"
     assert done.owner == taskflow.instance_id
+
+
+async def test_dispatcher_recovers_at_lease_end() -> None:
+    store = MemoryStore()
+    # The poll comes once an hour, so only a wake-up at the lease's end can recover in time.
+    taskflow = build_taskflow(store)
+
+    @taskflow.task(name="recovery.orphan")
+    async def orphan() -> None:
+        pass
+
+    now = utcnow()
+    await store.heartbeat("instance-gone", now, now + timedelta(seconds=0.5))
+    record = taskflow.build_record(orphan, (), {}).model_copy(update={"owner": "instance-gone"})
+    await store.create([record])
+    async with taskflow.lifespan():
+        done = await wait_for_status(store, record.id, TaskStatus.SUCCESS, within=GATE_TIMEOUT)
+
+    assert done.owner == taskflow.instance_id
+
+
+async def test_dispatcher_recovers_every_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sql_operations, "RECOVERY_BATCH", 3)
+    url = f"sqlite:///{tmp_path / 'tasks.db'}"
+    # With the poll and the full pass an hour away, only the recovery that follows the
+    # lease's end, batch after batch, takes the ten tasks back and has them claimed.
+    taskflow = build_taskflow(SqlStore(url))
+
+    @taskflow.task(name="recovery.orphan")
+    async def orphan(number: int) -> None:
+        del number
+
+    records = [
+        taskflow.build_record(orphan, (number,), {}).model_copy(update={"owner": "instance-gone"})
+        for number in range(10)
+    ]
+    gone_store = SqlStore(url)
+    await gone_store.open()
+    now = utcnow()
+    await gone_store.heartbeat("instance-gone", now, now + timedelta(seconds=0.5))
+    await gone_store.create(records)
+    await gone_store.close()
+
+    async with taskflow.lifespan():
+        for record in records:
+            await wait_for_status(
+                taskflow.store, record.id, TaskStatus.SUCCESS, within=GATE_TIMEOUT
+            )
 
 
 async def test_dispatcher_claims_ownerless_at_start() -> None:

@@ -160,8 +160,8 @@ class MemoryStore(TaskStore):
             and record.cancel_requested
         ]
 
-    async def has_expired_leases(self, now: datetime) -> bool:
-        return any(expires_at < now for expires_at in self._leases.values())
+    async def earliest_lease_end(self) -> datetime | None:
+        return min(self._leases.values(), default=None)
 
     async def recover_expired(self, now: datetime) -> RecoveryReport:
         expired = {owner for owner, expires_at in self._leases.items() if expires_at < now}

@@ -46,7 +46,7 @@ from app_taskflow.stores.base import TaskStore
 from app_taskflow.stores.sql_batches import BATCH_FORMS
 from app_taskflow.stores.sql_migrations import migrate
 from app_taskflow.stores.sql_queries import (
-    has_expired_leases,
+    earliest_lease_end,
     list_page,
     load_record,
     read_metrics,
@@ -211,8 +211,8 @@ class SqlStore(TaskStore):
     async def recover_expired(self, now: datetime) -> RecoveryReport:
         return await self._write("recover_expired", operations.recover_expired, now)
 
-    async def has_expired_leases(self, now: datetime) -> bool:
-        return await self._read("has_expired_leases", has_expired_leases, now)
+    async def earliest_lease_end(self) -> datetime | None:
+        return await self._read("earliest_lease_end", earliest_lease_end)
 
     async def release(self, instance_id: str, now: datetime) -> RecoveryReport:
         return await self._write("release", operations.release, instance_id, now)

@@ -220,6 +220,10 @@ def heartbeat(session: Session, instance_id: str, expires_at: datetime) -> list[
     return list(session.exec(statement.order_by(col(TaskRow.created_at))).all())
 
 
+RECOVERY_BATCH = 1000
+"""PENDING tasks released by one recover_expired transaction, so that it holds no lock long."""
+
+
 def recover_expired(session: Session, now: datetime) -> RecoveryReport:
     session.execute(delete(LeaseRow).where(col(LeaseRow.expires_at) < now))
     orphaned = (
@@ -228,7 +232,7 @@ def recover_expired(session: Session, now: datetime) -> RecoveryReport:
     )
     # A task that another transaction holds (its owner finishing it just now) is left for
     # the next pass, rather than waited for.
-    return _take_back_all(session, orphaned, now, skip_locked=True)
+    return _take_back_all(session, orphaned, now, skip_locked=True, limit=RECOVERY_BATCH)
 
 
 def release(session: Session, instance_id: str, now: datetime) -> RecoveryReport:
@@ -494,19 +498,24 @@ def _changed_values(row: Mapping[Any, Any], record: TaskRecord) -> dict[str, Any
 
 
 def _take_back_all(
-    session: Session, owned: Sequence[Any], now: datetime, *, skip_locked: bool
+    session: Session,
+    owned: Sequence[Any],
+    now: datetime,
+    *,
+    skip_locked: bool,
+    limit: int | None = None,
 ) -> RecoveryReport:
     """Take back the active tasks that the conditions ``owned`` select.
 
     PENDING tasks lose their owner in one statement, because a dead instance may hold
-    thousands. RUNNING tasks, at most the concurrency of their instance, end their attempt
-    one at a time, as ``take_back`` describes.
+    thousands: the oldest ``limit`` of them, or all. RUNNING tasks, at most the concurrency
+    of their instance, end their attempt one at a time, as ``take_back`` describes.
     """
     report = RecoveryReport()
     pending = (TASK_TABLE.c.status == TaskStatus.PENDING.value, *owned)
     statement = (
         update(TASK_TABLE)
-        .where(_locked_ids(*pending, skip_locked=skip_locked))
+        .where(_locked_ids(*pending, skip_locked=skip_locked, limit=limit))
         .values(owner=None)
         .returning(*TASK_COLUMNS)
     )

@@ -1,4 +1,4 @@
-"""The read queries of SqlStore: one task, pages of tasks, metrics and expired leases."""
+"""The read queries of SqlStore: one task, pages of tasks, metrics and the next lease end."""
 
 from __future__ import annotations
 
@@ -63,10 +63,10 @@ def full_record(session: Session, row: TaskRow) -> TaskRecord:
     return record_from_row(row, attempts=attempts, logs=logs)
 
 
-def has_expired_leases(session: Session, now: datetime) -> bool:
-    """Return whether a lease that expired before ``now`` is still stored."""
-    statement = select(LeaseRow.instance_id).where(col(LeaseRow.expires_at) < now).limit(1)
-    return session.exec(statement).first() is not None
+def earliest_lease_end(session: Session) -> datetime | None:
+    """Return the earliest end among the stored leases, or ``None`` when none is stored."""
+    statement = select(LeaseRow.expires_at).order_by(col(LeaseRow.expires_at)).limit(1)
+    return session.exec(statement).first()
 
 
 def list_page(session: Session, query: TaskQuery, after: tuple[datetime, str] | None) -> TaskPage:

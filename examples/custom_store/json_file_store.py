@@ -258,8 +258,8 @@ class JsonFileStore(TaskStore):
             and record.cancel_requested
         ]
 
-    async def has_expired_leases(self, now: datetime) -> bool:
-        return any(expires_at < now for expires_at in self._leases.values())
+    async def earliest_lease_end(self) -> datetime | None:
+        return min(self._leases.values(), default=None)
 
     async def recover_expired(self, now: datetime) -> RecoveryReport:
         for instance_id, expires_at in list(self._leases.items()):

@@ -914,31 +914,49 @@ async def test_recover_expired_releases_every_pending(
     assert live.owner == INSTANCE_B
 
 
-# has_expired_leases
+async def test_recover_expired_repeated_takes_all(
+    store: TaskStore, make_record: RecordFactory, clock: Clock
+) -> None:
+    # More tasks than the built-in stores take back in one call.
+    records = [make_record(owner=INSTANCE_A) for _ in range(1500)]
+    await store.create(records)
+    await store.heartbeat(INSTANCE_A, clock(0), expires_at=clock(10))
+
+    released: list[str] = []
+    while batch := (await store.recover_expired(clock(20))).released:
+        released.extend(batch)
+
+    assert released == [record.id for record in records]
 
 
-async def test_has_expired_leases_none_stored(store: TaskStore, clock: Clock) -> None:
-    assert not await store.has_expired_leases(clock(20))
+# earliest_lease_end
 
 
-async def test_has_expired_leases_finds_expired(store: TaskStore, clock: Clock) -> None:
+async def test_earliest_lease_end_none_stored(store: TaskStore) -> None:
+    assert await store.earliest_lease_end() is None
+
+
+async def test_earliest_lease_end_first_of_leases(store: TaskStore, clock: Clock) -> None:
+    await store.heartbeat(INSTANCE_A, clock(0), expires_at=clock(30))
+    await store.heartbeat(INSTANCE_B, clock(0), expires_at=clock(10))
+
+    assert await store.earliest_lease_end() == clock(10)
+
+
+async def test_earliest_lease_end_after_renewal(store: TaskStore, clock: Clock) -> None:
     await store.heartbeat(INSTANCE_A, clock(0), expires_at=clock(10))
     await store.heartbeat(INSTANCE_B, clock(0), expires_at=clock(30))
+    await store.heartbeat(INSTANCE_A, clock(5), expires_at=clock(40))
 
-    assert await store.has_expired_leases(clock(20))
-
-
-async def test_has_expired_leases_keeps_lease_ending_now(store: TaskStore, clock: Clock) -> None:
-    await store.heartbeat(INSTANCE_A, clock(0), expires_at=clock(20))
-
-    assert not await store.has_expired_leases(clock(20))
+    assert await store.earliest_lease_end() == clock(30)
 
 
-async def test_has_expired_leases_after_recovery(store: TaskStore, clock: Clock) -> None:
+async def test_earliest_lease_end_after_recovery(store: TaskStore, clock: Clock) -> None:
     await store.heartbeat(INSTANCE_A, clock(0), expires_at=clock(10))
+    await store.heartbeat(INSTANCE_B, clock(0), expires_at=clock(30))
     await store.recover_expired(clock(20))
 
-    assert not await store.has_expired_leases(clock(21))
+    assert await store.earliest_lease_end() == clock(30)
 
 
 # release
