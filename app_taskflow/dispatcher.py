@@ -154,6 +154,9 @@ class Dispatcher:
         self._buffer = TaskBuffer(settings.outage_buffer_size)
         self._buffer_ready = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._claim_batch_size = max(
+            1, min(settings.max_concurrency, _MAX_CLAIM) // _CLAIM_BATCH_DIVISOR
+        )
         self._poll_now = asyncio.Event()
         self._lease_valid_until = 0.0
         """Loop time until which this instance's lease lasts at least, from its last renewal."""
@@ -263,12 +266,15 @@ class Dispatcher:
 
     def _on_done(self, task_id: str) -> None:
         self._active.pop(task_id, None)
-        self._slot_freed.set()
         if task_id not in self._timers:
             self._names.pop(task_id, None)
             self._tags.pop(task_id, None)
         if not self._stopping:
             self._pump()
+        # Under a backlog the poll loop waits for a first free slot, then for a batch.
+        free = self._free_slots()
+        if free == 1 or free >= self._claim_batch_size:
+            self._slot_freed.set()
 
     async def _process(self, task_id: str, record: TaskRecord | None) -> None:
         if record is None:
@@ -556,13 +562,12 @@ class Dispatcher:
         for a batch of slots to be free, and the next claim fills them in one call.
         """
         loop = asyncio.get_running_loop()
-        batch_size = max(1, min(self._settings.max_concurrency, _MAX_CLAIM) // _CLAIM_BATCH_DIVISOR)
         # The poll loop also saves task logs, so it waits at most one poll interval.
         deadline = loop.time() + self._settings.poll_interval
         coalescing = False
         while not self._stopping:
             free = self._free_slots()
-            if free >= batch_size:
+            if free >= self._claim_batch_size:
                 return
             if free > 0 and not coalescing:
                 coalescing = True
@@ -572,7 +577,8 @@ class Dispatcher:
                 return
             self._slot_freed.clear()
             try:
-                await asyncio.wait_for(self._slot_freed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._slot_freed.wait()
             except TimeoutError:
                 return
 
