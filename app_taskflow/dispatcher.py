@@ -60,8 +60,8 @@ class DispatcherSettings:
             full recovery passes, which also take back tasks whose owner has no lease.
         lease_expiry: seconds a lease lasts without renewal; after that, other instances
             take back this instance's tasks.
-        poll_interval: seconds between looks for tasks that no instance owns, and for
-            leases that expired.
+        poll_interval: seconds between looks for tasks that no instance owns, and between
+            reads of when the next lease ends.
         shutdown_grace: seconds running tasks get to finish at shutdown.
         retry_delay_scale: factor applied to every retry delay (0 makes retries immediate).
         outage_policy: what ``add_task`` does while the store is unreachable: ``raise``
@@ -635,7 +635,7 @@ class Dispatcher:
         so that the results of tasks that ran during an outage are written once the store
         is back. Once the dispatcher is stopping, the wait ends after
         ``_SHUTDOWN_STORE_WAIT`` seconds. With ``wait_out_outage`` False, an unreachable
-        store gives up at once, for a call that is safe only while the store answers. Any
+        store gives up at once, for a call that is safe only while the store responds. Any
         other error is retried a few times, then logged at ERROR and given up.
         """
         loop = asyncio.get_running_loop()

@@ -392,7 +392,7 @@ HOUR = 3600.0
 
 
 class FrozenClock:
-    """A clock that stands still until a test moves it on."""
+    """A clock that does not move until a test advances it."""
 
     def __init__(self) -> None:
         self.now = datetime(2030, 1, 1, tzinfo=UTC)

@@ -177,7 +177,7 @@ class TaskStore(ABC):
         ``duration`` is the time from ``started_at`` to ``now``. Expired leases are deleted.
 
         A store may take back at most a bounded batch of tasks per call, oldest first, so
-        that no call holds the store for long. The tasks left then have an owner without a
+        that no call blocks the store for long. The tasks left then have an owner without a
         lease, and callers repeat the call until it returns an empty report.
 
         Atomicity: each task is taken back by at most one caller.

@@ -221,7 +221,7 @@ def heartbeat(session: Session, instance_id: str, expires_at: datetime) -> list[
 
 
 RECOVERY_BATCH = 1000
-"""PENDING tasks released by one recover_expired transaction, so that it holds no lock long."""
+"""PENDING tasks released by one recover_expired transaction, so that none keeps locks long."""
 
 
 def recover_expired(session: Session, now: datetime) -> RecoveryReport:
@@ -230,8 +230,8 @@ def recover_expired(session: Session, now: datetime) -> RecoveryReport:
         TASK_TABLE.c.owner.is_not(None),
         TASK_TABLE.c.owner.not_in(select(LeaseRow.instance_id)),
     )
-    # A task that another transaction holds (its owner finishing it just now) is left for
-    # the next pass, rather than waited for.
+    # A task that another transaction has locked (its owner finishing it just now) is left
+    # for the next pass, rather than waited for.
     return _take_back_all(session, orphaned, now, skip_locked=True, limit=RECOVERY_BATCH)
 
 

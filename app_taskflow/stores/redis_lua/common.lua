@@ -350,8 +350,8 @@ local function take_back(id, now, report)
   change_task(old, values)
 end
 
--- Take back the tasks of the given owners, oldest first, at most limit of them when limit is
--- a number; reply with the three id lists.
+-- Take back the tasks of the given owners, oldest first. When limit is a number, take back
+-- at most that many. Reply with the three id lists.
 local function take_back_owners(owners, now, limit)
   local last = limit and limit - 1 or -1
   local positions = {}
