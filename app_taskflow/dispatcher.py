@@ -41,8 +41,8 @@ _SHUTDOWN_STORE_WAIT = 5.0
 _BUFFER_BATCH = 500
 _MAX_CLAIM = 100
 """Maximum number of tasks that one ``claim_next`` call claims."""
-_CLAIM_BATCH_DIVISOR = 4
-"""Under a backlog, the poll loop claims once 1/4 of the slots (at most ``_MAX_CLAIM``) are free."""
+_CLAIM_BATCH_DIVISOR = 2
+"""Under a backlog, the poll loop claims once half the slots (at most ``_MAX_CLAIM``) are free."""
 _CLAIM_COALESCE_DELAY = 0.05
 """Maximum seconds a free slot waits for others to free up, so that one claim fills them all."""
 _LEASE_END_MARGIN = 0.01

@@ -537,7 +537,7 @@ async def test_dispatcher_claims_ownerless_at_start() -> None:
 
 
 async def test_dispatcher_claims_in_batches_under_backlog(monkeypatch: pytest.MonkeyPatch) -> None:
-    # With no coalescing delay, a claim waits until a quarter of the 20 slots are free.
+    # With no coalescing delay, a claim waits until a batch of the 20 slots are free.
     monkeypatch.setattr(dispatcher_module, "_CLAIM_COALESCE_DELAY", HOUR)
     store = ClaimRecordingStore()
     taskflow = build_taskflow(store, max_concurrency=20)
@@ -557,7 +557,8 @@ async def test_dispatcher_claims_in_batches_under_backlog(monkeypatch: pytest.Mo
 
     assert sum(store.claimed_batches) == 60
     assert store.claimed_batches[0] == 20
-    assert min(store.claimed_batches[1:-1]) >= 5
+    batch_size = 20 // dispatcher_module._CLAIM_BATCH_DIVISOR
+    assert min(store.claimed_batches[1:-1]) >= batch_size
 
 
 async def test_dispatcher_claims_for_one_free_slot() -> None:
