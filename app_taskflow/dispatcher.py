@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -38,6 +39,14 @@ _OTHER_FAILURE_RETRIES = 5
 _SHUTDOWN_STORE_WAIT = 5.0
 """Seconds a stopping instance waits for an unreachable store before it gives up."""
 _BUFFER_BATCH = 500
+_MAX_CLAIM = 100
+"""Maximum number of tasks that one ``claim_next`` call claims."""
+_CLAIM_BATCH_DIVISOR = 2
+"""Under a backlog, the poll loop claims once half the slots (at most ``_MAX_CLAIM``) are free."""
+_CLAIM_COALESCE_DELAY = 0.05
+"""Maximum seconds a free slot waits for others to free up, so that one claim fills them all."""
+_LEASE_END_MARGIN = 0.01
+"""Seconds after the end of a lease at which the recovery loop looks again."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +56,12 @@ class DispatcherSettings:
     Attributes:
         max_concurrency: tasks of this instance running at once, sync and async together.
         sync_workers: threads for sync task functions.
-        heartbeat_interval: seconds between renewals of this instance's lease.
+        heartbeat_interval: seconds between renewals of this instance's lease, and between
+            full recovery passes, which also take back tasks whose owner has no lease.
         lease_expiry: seconds a lease lasts without renewal; after that, other instances
             take back this instance's tasks.
-        poll_interval: seconds between looks for tasks that no instance owns.
+        poll_interval: seconds between looks for tasks that no instance owns, and between
+            reads of when the next lease ends.
         shutdown_grace: seconds running tasks get to finish at shutdown.
         retry_delay_scale: factor applied to every retry delay (0 makes retries immediate).
         outage_policy: what ``add_task`` does while the store is unreachable: ``raise``
@@ -94,6 +105,14 @@ def _internal_failure(
     )
 
 
+def _add_batch(report: RecoveryReport, batch: RecoveryReport) -> bool:
+    """Add the tasks of one ``recover_expired`` call to ``report``; return whether it had any."""
+    report.released.extend(batch.released)
+    report.requeued.extend(batch.requeued)
+    report.interrupted.extend(batch.interrupted)
+    return bool(batch.released or batch.requeued or batch.interrupted)
+
+
 def new_instance_id() -> str:
     """Return an id for this app instance: host, process id and a random suffix."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -135,6 +154,12 @@ class Dispatcher:
         self._buffer = TaskBuffer(settings.outage_buffer_size)
         self._buffer_ready = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._claim_batch_size = max(
+            1, min(settings.max_concurrency, _MAX_CLAIM) // _CLAIM_BATCH_DIVISOR
+        )
+        self._poll_now = asyncio.Event()
+        self._lease_valid_until = 0.0
+        """Loop time until which this instance's lease lasts at least, from its last renewal."""
 
     @property
     def running_count(self) -> int:
@@ -143,15 +168,20 @@ class Dispatcher:
 
     async def start(self) -> None:
         """Take the lease, recover orphaned tasks and start the background loops."""
-        now = self._clock()
-        await self.store.heartbeat(self.instance_id, now, self._lease_end(now))
-        self._log_recovery(await self.store.recover_expired(now))
+        await self._renew_lease()
+        recovered = RecoveryReport()
+        while _add_batch(recovered, await self.store.recover_expired(self._clock())):
+            pass
+        self._log_recovery(recovered)
         self._loops = [
             asyncio.create_task(self._heartbeat_loop(), name="app-taskflow-heartbeat"),
+            asyncio.create_task(self._recovery_loop(), name="app-taskflow-recovery"),
             asyncio.create_task(self._poll_loop(), name="app-taskflow-poll"),
             asyncio.create_task(self._buffer_loop(), name="app-taskflow-buffer"),
             asyncio.create_task(self._retention_loop(), name="app-taskflow-retention"),
         ]
+        # The first poll runs at once, for the tasks handed back by a previous run.
+        self._poll_now.set()
         log.info("Dispatcher started as instance {}", self.instance_id)
 
     def submit(self, task_id: str, name: str) -> None:
@@ -236,12 +266,15 @@ class Dispatcher:
 
     def _on_done(self, task_id: str) -> None:
         self._active.pop(task_id, None)
-        self._slot_freed.set()
         if task_id not in self._timers:
             self._names.pop(task_id, None)
             self._tags.pop(task_id, None)
         if not self._stopping:
             self._pump()
+        # Under a backlog the poll loop waits for a first free slot, then for a batch.
+        free = self._free_slots()
+        if free == 1 or free >= self._claim_batch_size:
+            self._slot_freed.set()
 
     async def _process(self, task_id: str, record: TaskRecord | None) -> None:
         if record is None:
@@ -394,14 +427,75 @@ class Dispatcher:
             cancel_ids = await self._store_call("renew the lease", self._renew_lease)
             for task_id in cancel_ids or []:
                 self.request_cancel(task_id)
-            if self._other_instances_may_lag():
+
+    async def _recovery_loop(self) -> None:
+        """Take back the tasks of expired instances soon after their lease ends.
+
+        Every poll interval, one small query reads when the next lease ends. The tasks are
+        taken back once that time is past, and the loop sleeps until just after it when it
+        comes before the next look. A full pass runs every heartbeat interval whatever the
+        leases, because it also takes back tasks whose owner has no lease at all. Such a
+        task was stored by an instance after it handed its tasks back, or skipped by a pass
+        because another transaction held it.
+        """
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        interval = min(settings.poll_interval, settings.heartbeat_interval)
+        full_pass_at = loop.time() + settings.heartbeat_interval
+        wait = 0.0  # start() has just recovered, but the first read of the leases is due.
+        while not self._stopping:
+            await asyncio.sleep(wait)
+            wait = interval
+            if self._recovery_may_take_live_tasks():
                 continue
-            report = await self._store_call(
+            if loop.time() < full_pass_at:
+                lease_end = await self._store_call(
+                    "read when the next lease ends",
+                    self.store.earliest_lease_end,
+                    wait_out_outage=False,
+                )
+                if lease_end is None:
+                    continue
+                # A lease that ends at this very moment has not expired yet.
+                remaining = (lease_end - self._clock()).total_seconds()
+                if remaining >= 0:
+                    wait = min(interval, remaining + _LEASE_END_MARGIN)
+                    continue
+                # The read may be the first call to succeed after an outage, after which
+                # every instance, this one included, renews its lease before any recovery.
+                if self._recovery_may_take_live_tasks():
+                    continue
+            full_pass_at = loop.time() + settings.heartbeat_interval
+            await self._recover_expired()
+
+    async def _recover_expired(self) -> None:
+        """Take back the tasks of expired instances, a batch per store call, and log them."""
+        recovered = RecoveryReport()
+        while not self._recovery_may_take_live_tasks():
+            # A recovery retried through an outage would run as the store comes back,
+            # before the leases are renewed, so an outage ends this pass.
+            batch = await self._store_call(
                 "recover tasks of expired instances",
                 lambda: self.store.recover_expired(self._clock()),
+                wait_out_outage=False,
             )
-            if report is not None:
-                self._log_recovery(report)
+            if batch is None or not _add_batch(recovered, batch):
+                break
+            if batch.released or batch.requeued:
+                # The poll loop claims the first batch while the next ones are taken back.
+                self._poll_now.set()
+        self._log_recovery(recovered)
+
+    def _recovery_may_take_live_tasks(self) -> bool:
+        """Return whether a recovery now might take back the tasks of a live instance.
+
+        That is so while the store is unreachable, and while other instances may lag after
+        an outage. It is also so while this instance's own lease may have expired, after a
+        pause longer than the lease expiry, until the heartbeat renews it.
+        """
+        if self.health.is_down or self._other_instances_may_lag():
+            return True
+        return asyncio.get_running_loop().time() >= self._lease_valid_until
 
     def _other_instances_may_lag(self) -> bool:
         """Return whether other instances may not have renewed their leases since an outage.
@@ -421,24 +515,27 @@ class Dispatcher:
         # than the expiry would otherwise store an end already past, and the recovery that
         # follows would take this instance's own tasks back.
         now = self._clock()
-        return await self.store.heartbeat(self.instance_id, now, self._lease_end(now))
+        valid_until = asyncio.get_running_loop().time() + self._settings.lease_expiry
+        cancel_ids = await self.store.heartbeat(self.instance_id, now, self._lease_end(now))
+        self._lease_valid_until = valid_until
+        return cancel_ids
 
     async def _poll_loop(self) -> None:
         backlog = False
         while not self._stopping:
             if backlog:
                 # The last poll filled every free slot, so more ownerless tasks may wait
-                # (after a recovery, thousands): poll again as soon as a slot frees up.
-                await self._slot_freed.wait()
-                self._slot_freed.clear()
+                # (after a recovery, thousands): poll again as soon as slots free up.
+                await self._wait_for_free_slots()
             else:
-                await asyncio.sleep(self._settings.poll_interval)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poll_now.wait(), self._settings.poll_interval)
+                self._poll_now.clear()
             await self._flush_logs()
-            free = self._settings.max_concurrency - len(self._active) - len(self._queue)
-            backlog = False
+            free = self._free_slots()
             if free <= 0:
                 continue
-            requested = min(free, 100)
+            requested = min(free, _MAX_CLAIM)
             records = await self._store_call(
                 "claim ownerless tasks",
                 partial(
@@ -456,6 +553,37 @@ class Dispatcher:
                 )
             for record in records or []:
                 self._spawn(record.id, record)
+
+    async def _wait_for_free_slots(self) -> None:
+        """Wait until a batch of slots is free, or a poll interval passed.
+
+        Slots free up one task at a time, and claiming at the first would claim one task
+        per store call. So once a slot is free, this waits up to ``_CLAIM_COALESCE_DELAY``
+        for a batch of slots to be free, and the next claim fills them in one call.
+        """
+        loop = asyncio.get_running_loop()
+        # The poll loop also saves task logs, so it waits at most one poll interval.
+        deadline = loop.time() + self._settings.poll_interval
+        coalescing = False
+        while not self._stopping:
+            free = self._free_slots()
+            if free >= self._claim_batch_size:
+                return
+            if free > 0 and not coalescing:
+                coalescing = True
+                deadline = min(deadline, loop.time() + _CLAIM_COALESCE_DELAY)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._slot_freed.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._slot_freed.wait()
+            except TimeoutError:
+                return
+
+    def _free_slots(self) -> int:
+        return self._settings.max_concurrency - len(self._active) - len(self._queue)
 
     async def _retention_loop(self) -> None:
         settings = self._settings
@@ -494,13 +622,20 @@ class Dispatcher:
                     partial(self.store.append_logs, task_id, entries),
                 )
 
-    async def _store_call(self, action: str, call: Callable[[], Awaitable[T]]) -> T | None:
+    async def _store_call(
+        self,
+        action: str,
+        call: Callable[[], Awaitable[T]],
+        *,
+        wait_out_outage: bool = True,
+    ) -> T | None:
         """Run a store call and return its result, or None once it gave up.
 
         An unreachable store is waited out with backoff for as long as the dispatcher runs,
         so that the results of tasks that ran during an outage are written once the store
         is back. Once the dispatcher is stopping, the wait ends after
-        ``_SHUTDOWN_STORE_WAIT`` seconds. Any
+        ``_SHUTDOWN_STORE_WAIT`` seconds. With ``wait_out_outage`` False, an unreachable
+        store gives up at once, for a call that is safe only while the store responds. Any
         other error is retried a few times, then logged at ERROR and given up.
         """
         loop = asyncio.get_running_loop()
@@ -514,6 +649,8 @@ class Dispatcher:
             except Exception as error:
                 if is_unavailable(error):
                     self.health.record_failure(action, error)
+                    if not wait_out_outage:
+                        return None
                     if self._stopping:
                         # One deadline for the whole shutdown, not one per call.
                         if self._store_wait_ends_at is None:

@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from datetime import timedelta
+from collections.abc import Collection
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import pytest
 from fastapi import Depends
-from integration_fixtures import MakeApp
+from integration_fixtures import MakeApp, wait_for_status
 from integration_fixtures import make_app as make_app  # registers the fixture
 
 from app_taskflow import TaskflowTasks, TaskStatus, task_log
-from app_taskflow.models import TaskRecord, new_task_id
+from app_taskflow import dispatcher as dispatcher_module
+from app_taskflow.dispatcher import DispatcherSettings
+from app_taskflow.models import TaskRecord, new_task_id, utcnow
+from app_taskflow.stores import MemoryStore, SqlStore, TaskStore, sql_operations
+from app_taskflow.taskflow import Taskflow
 
 Tasks = Annotated[TaskflowTasks, Depends()]
 
@@ -377,3 +383,210 @@ async def test_dispatcher_claims_ownerless_task(make_app: MakeApp) -> None:
 
     assert done.owner == running.taskflow.instance_id
     assert ran == ["left over"]
+
+
+# Recovery and claims of ownerless tasks. A poll interval of an hour shows that what a test
+# waits for does not come from the regular poll.
+
+HOUR = 3600.0
+
+
+class FrozenClock:
+    """A clock that does not move until a test advances it."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class ClaimRecordingStore(MemoryStore):
+    """A MemoryStore that records how many tasks each ``claim_next`` call claimed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claimed_batches: list[int] = []
+
+    async def claim_next(
+        self, instance_id: str, now: datetime, limit: int, names: Collection[str]
+    ) -> list[TaskRecord]:
+        claimed = await super().claim_next(instance_id, now, limit, names)
+        if claimed:
+            self.claimed_batches.append(len(claimed))
+        return claimed
+
+
+def build_taskflow(store: TaskStore, clock: FrozenClock | None = None, **settings: Any) -> Taskflow:
+    """Return a taskflow on ``store`` whose heartbeat and poll come once an hour."""
+    fields: dict[str, Any] = {
+        "heartbeat_interval": HOUR,
+        "lease_expiry": 2 * HOUR,
+        "poll_interval": HOUR,
+        "shutdown_grace": 0.5,
+        **settings,
+    }
+    return Taskflow(
+        store_factory=lambda: store,
+        settings=DispatcherSettings(**fields),
+        clock=clock or utcnow,
+    )
+
+
+async def create_ownerless(
+    taskflow: Taskflow, store: TaskStore, task: Any, count: int
+) -> list[str]:
+    records = [
+        taskflow.build_record(task, (number,), {}).model_copy(update={"owner": None})
+        for number in range(count)
+    ]
+    return await store.create(records)
+
+
+async def test_dispatcher_recovers_soon_after_expiry() -> None:
+    clock = FrozenClock()
+    store = MemoryStore()
+    # Only the look at the leases every poll interval can find the expiry: the heartbeat,
+    # with its full recovery pass, does not come within the test.
+    taskflow = build_taskflow(store, clock, poll_interval=0.02)
+
+    @taskflow.task(name="recovery.orphan")
+    async def orphan() -> None:
+        pass
+
+    async with taskflow.lifespan():
+        await store.heartbeat("instance-gone", clock(), clock() + timedelta(seconds=30))
+        record = taskflow.build_record(orphan, (), {}).model_copy(update={"owner": "instance-gone"})
+        await store.create([record])
+        await asyncio.sleep(0.2)
+        before_expiry = await store.get(record.id)
+        clock.advance(31)
+        done = await wait_for_status(store, record.id, TaskStatus.SUCCESS, within=GATE_TIMEOUT)
+
+    assert before_expiry is not None
+    assert before_expiry.owner == "instance-gone"
+    assert done.owner == taskflow.instance_id
+
+
+async def test_dispatcher_recovers_at_lease_end() -> None:
+    store = MemoryStore()
+    # The poll comes once an hour, so only a wake-up at the lease's end can recover in time.
+    taskflow = build_taskflow(store)
+
+    @taskflow.task(name="recovery.orphan")
+    async def orphan() -> None:
+        pass
+
+    now = utcnow()
+    await store.heartbeat("instance-gone", now, now + timedelta(seconds=0.5))
+    record = taskflow.build_record(orphan, (), {}).model_copy(update={"owner": "instance-gone"})
+    await store.create([record])
+    async with taskflow.lifespan():
+        done = await wait_for_status(store, record.id, TaskStatus.SUCCESS, within=GATE_TIMEOUT)
+
+    assert done.owner == taskflow.instance_id
+
+
+async def test_dispatcher_recovers_every_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sql_operations, "RECOVERY_BATCH", 3)
+    url = f"sqlite:///{tmp_path / 'tasks.db'}"
+    # With the poll and the full pass an hour away, only the recovery that follows the
+    # lease's end, batch after batch, takes the ten tasks back and has them claimed.
+    taskflow = build_taskflow(SqlStore(url))
+
+    @taskflow.task(name="recovery.orphan")
+    async def orphan(number: int) -> None:
+        del number
+
+    records = [
+        taskflow.build_record(orphan, (number,), {}).model_copy(update={"owner": "instance-gone"})
+        for number in range(10)
+    ]
+    gone_store = SqlStore(url)
+    await gone_store.open()
+    now = utcnow()
+    await gone_store.heartbeat("instance-gone", now, now + timedelta(seconds=0.5))
+    await gone_store.create(records)
+    await gone_store.close()
+
+    async with taskflow.lifespan():
+        for record in records:
+            await wait_for_status(
+                taskflow.store, record.id, TaskStatus.SUCCESS, within=GATE_TIMEOUT
+            )
+
+
+async def test_dispatcher_claims_ownerless_at_start() -> None:
+    store = MemoryStore()
+    taskflow = build_taskflow(store)
+
+    @taskflow.task(name="recovery.left_over")
+    async def left_over(number: int) -> None:
+        del number
+
+    [task_id] = await create_ownerless(taskflow, store, left_over, 1)
+    async with taskflow.lifespan():
+        done = await wait_for_status(store, task_id, TaskStatus.SUCCESS, within=GATE_TIMEOUT)
+
+    assert done.owner == taskflow.instance_id
+
+
+async def test_dispatcher_claims_in_batches_under_backlog(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With no coalescing delay, a claim waits until a batch of the 20 slots are free.
+    monkeypatch.setattr(dispatcher_module, "_CLAIM_COALESCE_DELAY", HOUR)
+    store = ClaimRecordingStore()
+    taskflow = build_taskflow(store, max_concurrency=20)
+    tickets = asyncio.Semaphore(0)
+
+    @taskflow.task(name="recovery.gated")
+    async def gated(number: int) -> None:
+        del number
+        await asyncio.wait_for(tickets.acquire(), GATE_TIMEOUT)
+
+    await create_ownerless(taskflow, store, gated, 60)
+    async with taskflow.lifespan():
+        # Tasks end one at a time, so slots free up one at a time.
+        for ended in range(1, 61):
+            tickets.release()
+            await wait_for_success_count(store, ended)
+
+    assert sum(store.claimed_batches) == 60
+    assert store.claimed_batches[0] == 20
+    batch_size = 20 // dispatcher_module._CLAIM_BATCH_DIVISOR
+    assert min(store.claimed_batches[1:-1]) >= batch_size
+
+
+async def test_dispatcher_claims_for_one_free_slot() -> None:
+    store = ClaimRecordingStore()
+    taskflow = build_taskflow(store, max_concurrency=20)
+    tickets = asyncio.Semaphore(0)
+
+    @taskflow.task(name="recovery.gated")
+    async def gated(number: int) -> None:
+        del number
+        await asyncio.wait_for(tickets.acquire(), GATE_TIMEOUT)
+
+    task_ids = await create_ownerless(taskflow, store, gated, 21)
+    async with taskflow.lifespan():
+        await wait_for_status(store, task_ids[19], TaskStatus.RUNNING, within=GATE_TIMEOUT)
+        tickets.release()
+        # One slot is free, fewer than a batch: the claim comes after the coalescing delay.
+        last = await wait_for_status(store, task_ids[20], TaskStatus.RUNNING, within=GATE_TIMEOUT)
+        for _ in range(20):
+            tickets.release()
+
+    assert last.owner == taskflow.instance_id
+    assert store.claimed_batches == [20, 1]
+
+
+async def wait_for_success_count(store: TaskStore, count: int) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + GATE_TIMEOUT
+    while (await store.metrics()).counts[TaskStatus.SUCCESS] < count:
+        assert loop.time() < deadline, f"fewer than {count} tasks succeeded in time"
+        await asyncio.sleep(0.005)

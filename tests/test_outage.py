@@ -23,11 +23,15 @@ DOWN_MESSAGE = "connection refused (test outage)"
 
 
 class SwitchableStore(MemoryStore):
-    """A MemoryStore whose every call raises StoreUnavailableError while ``down`` is set."""
+    """A MemoryStore whose every call raises StoreUnavailableError while ``down`` is set.
+
+    While ``heartbeat_down`` is set, ``heartbeat`` alone raises it.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.down = False
+        self.heartbeat_down = False
         self.failed_calls = 0
 
     def __getattribute__(self, name: str) -> Any:
@@ -38,7 +42,7 @@ class SwitchableStore(MemoryStore):
             return attribute
 
         async def guarded(*args: Any, **kwargs: Any) -> Any:
-            if self.down:
+            if self.down or (name == "heartbeat" and self.heartbeat_down):
                 self.failed_calls += 1
                 raise StoreUnavailableError(DOWN_MESSAGE)
             return await attribute(*args, **kwargs)
@@ -56,7 +60,12 @@ class OutageApp:
     runs: list[str]
 
 
-async def start_outage_app(policy: str, buffer_size: int = 100) -> AsyncIterator[OutageApp]:
+async def start_outage_app(
+    policy: str,
+    buffer_size: int = 100,
+    heartbeat_interval: float = 0.05,
+    lease_expiry: float = 30.0,
+) -> AsyncIterator[OutageApp]:
     container = TaskflowContainer.from_environment("test", folder=CONTAINERS)
     store = SwitchableStore()
     container.store.override(providers.Object(store))
@@ -64,8 +73,8 @@ async def start_outage_app(policy: str, buffer_size: int = 100) -> AsyncIterator
         container.dispatcher_settings(),
         outage_policy=policy,
         outage_buffer_size=buffer_size,
-        heartbeat_interval=0.05,
-        lease_expiry=30.0,
+        heartbeat_interval=heartbeat_interval,
+        lease_expiry=lease_expiry,
         poll_interval=0.05,
         shutdown_grace=0.5,
     )
@@ -112,6 +121,34 @@ async def test_outage_result_written_after_store_returns() -> None:
         running.store.down = False
         record = await wait_for_status(running.store, task_id, TaskStatus.SUCCESS, within=10)
         assert record.attempts == 1
+
+
+# With a heartbeat as frequent as the poll, every recovery is a full pass. With a slower
+# one, most recoveries follow a look at the leases.
+@pytest.mark.parametrize("heartbeat_interval", [0.05, 0.2], ids=["full-pass", "lease-look"])
+async def test_outage_longer_than_lease_keeps_tasks(heartbeat_interval: float) -> None:
+    # The instance's own lease expires during the outage. Once the store answers, the lease
+    # must be renewed before any recovery, or the instance takes back its own running task.
+    # The renewal comes last here, after every other call that waited out the outage.
+    async for running in start_outage_app(
+        "raise", heartbeat_interval=heartbeat_interval, lease_expiry=0.3
+    ):
+        response = await running.client.post("/add", params={"label": "a"})
+        task_id = response.json()["task_id"]
+        await wait_for_status(running.store, task_id, TaskStatus.RUNNING)
+
+        running.store.down = True
+        running.store.heartbeat_down = True
+        await asyncio.sleep(0.6)
+        running.store.down = False
+        await asyncio.sleep(0.5)
+        running.store.heartbeat_down = False
+        await asyncio.sleep(0.2)
+        running.gate.set()
+        record = await wait_for_status(running.store, task_id, TaskStatus.SUCCESS, within=10)
+
+        assert record.attempts == 1
+        assert running.runs == ["a"]
 
 
 async def test_outage_raise_policy_answers_503() -> None:

@@ -176,8 +176,24 @@ class TaskStore(ABC):
         current ``AttemptRecord`` ends as ``INTERRUPTED``. An interrupted task's
         ``duration`` is the time from ``started_at`` to ``now``. Expired leases are deleted.
 
+        A store may take back at most a bounded batch of tasks per call, oldest first, so
+        that no call blocks the store for long. The tasks left then have an owner without a
+        lease, and callers repeat the call until it returns an empty report.
+
         Atomicity: each task is taken back by at most one caller.
         """
+
+    async def earliest_lease_end(self) -> datetime | None:
+        """Return the earliest ``expires_at`` among the stored leases, expired ones included.
+
+        The dispatcher calls this every poll interval, because it reads the leases alone,
+        while ``recover_expired`` reads every active task. It calls ``recover_expired``
+        once the returned time is past, and sleeps until then when it comes before the
+        next poll. A store without a cheap way to tell keeps this default, which returns
+        ``None`` as when no lease is stored, and its instances recover at the full pass
+        of every heartbeat interval only.
+        """
+        return None
 
     @abstractmethod
     async def release(self, instance_id: str, now: datetime) -> RecoveryReport:

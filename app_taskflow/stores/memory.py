@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import heapq
 import json
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Collection, Sequence
@@ -109,7 +110,10 @@ class MemoryStore(TaskStore):
     async def claim_next(
         self, instance_id: str, now: datetime, limit: int, names: Collection[str]
     ) -> builtins.list[TaskRecord]:
-        ready = sorted(
+        # nsmallest keeps only ``limit`` candidates, rather than sorting every waiting task
+        # at each call, which a backlog of thousands makes slow.
+        ready = heapq.nsmallest(
+            limit,
             (
                 record
                 for record in self._tasks.values()
@@ -117,7 +121,7 @@ class MemoryStore(TaskStore):
             ),
             key=lambda record: (record.created_at, record.id),
         )
-        return [self._start_attempt(record, instance_id, now) for record in ready[:limit]]
+        return [self._start_attempt(record, instance_id, now) for record in ready]
 
     async def finish(
         self, task_id: str, instance_id: str, attempt: int, outcome: AttemptOutcome
@@ -155,6 +159,9 @@ class MemoryStore(TaskStore):
             and record.status is TaskStatus.RUNNING
             and record.cancel_requested
         ]
+
+    async def earliest_lease_end(self) -> datetime | None:
+        return min(self._leases.values(), default=None)
 
     async def recover_expired(self, now: datetime) -> RecoveryReport:
         expired = {owner for owner, expires_at in self._leases.items() if expires_at < now}

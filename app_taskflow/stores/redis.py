@@ -41,6 +41,7 @@ from app_taskflow.stores.redis_scripts import (
     decode_change,
     decode_record,
     decode_summary,
+    from_micros,
     load_scripts,
     log_arguments,
     optional,
@@ -67,6 +68,9 @@ SCHEMA_VERSION = 1
 
 PRUNE_BATCH = 500
 """Tasks deleted by one prune call, so that no prune blocks the Redis server for long."""
+
+RECOVERY_BATCH = 1000
+"""Tasks taken back by one recover_expired call, so that it blocks the server for little time."""
 
 SEARCH_SCAN = 1000
 """Tasks that one round trip of a search reads at most."""
@@ -242,8 +246,20 @@ class RedisStore(TaskStore):
         return ids
 
     async def recover_expired(self, now: datetime) -> RecoveryReport:
-        released, requeued, interrupted = await self._run("recover_expired", args=[to_micros(now)])
+        released, requeued, interrupted = await self._run(
+            "recover_expired", args=[to_micros(now), str(RECOVERY_BATCH)]
+        )
         return RecoveryReport(released=released, requeued=requeued, interrupted=interrupted)
+
+    async def earliest_lease_end(self) -> datetime | None:
+        # The score of each lease is its end, in microseconds since the Unix epoch.
+        try:
+            first = await self._client.zrange(
+                self._key("leases"), 0, 0, withscores=True, score_cast_func=str
+            )
+        except RedisError as error:
+            raise self._store_error("earliest_lease_end", error) from error
+        return from_micros(str(first[0][1])) if first else None
 
     async def release(self, instance_id: str, now: datetime) -> RecoveryReport:
         released, requeued, interrupted = await self._run(

@@ -45,7 +45,12 @@ from app_taskflow.stores import sql_operations as operations
 from app_taskflow.stores.base import TaskStore
 from app_taskflow.stores.sql_batches import BATCH_FORMS
 from app_taskflow.stores.sql_migrations import migrate
-from app_taskflow.stores.sql_queries import list_page, load_record, read_metrics
+from app_taskflow.stores.sql_queries import (
+    earliest_lease_end,
+    list_page,
+    load_record,
+    read_metrics,
+)
 from app_taskflow.stores.sql_watch import (
     TRIM_EVERY,
     ChangeFeed,
@@ -205,6 +210,9 @@ class SqlStore(TaskStore):
 
     async def recover_expired(self, now: datetime) -> RecoveryReport:
         return await self._write("recover_expired", operations.recover_expired, now)
+
+    async def earliest_lease_end(self) -> datetime | None:
+        return await self._read("earliest_lease_end", earliest_lease_end)
 
     async def release(self, instance_id: str, now: datetime) -> RecoveryReport:
         return await self._write("release", operations.release, instance_id, now)

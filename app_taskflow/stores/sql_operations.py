@@ -8,7 +8,7 @@ what the store method returns.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeGuard
 
@@ -168,21 +168,12 @@ def claim(session: Session, task_id: str, instance_id: str, now: datetime) -> Ta
 def claim_next(
     session: Session, instance_id: str, now: datetime, limit: int, names: list[str]
 ) -> list[TaskRecord]:
-    statement = (
-        select_columns(TASK_TABLE.c.id)
-        .where(OWNERLESS_PENDING, TASK_TABLE.c.name.in_(names), *_CLAIMABLE)
-        .order_by(TASK_TABLE.c.created_at, TASK_TABLE.c.id)
-        .limit(limit)
-    )
-    # SKIP LOCKED lets concurrent callers on PostgreSQL take different tasks. SQLite ignores
-    # it, and its write lock already runs these transactions one at a time.
-    statement = statement.with_for_update(skip_locked=True)
-    task_ids = list(session.execute(statement, {"now": now}).scalars())
-    if not task_ids:
+    parameters = {"instance_id": instance_id, "now": now, "limit": limit, "names": names}
+    rows = session.execute(_CLAIM_NEXT, parameters).mappings().all()
+    if not rows:
         return []
-    started = _START_ATTEMPTS.where(TASK_TABLE.c.id.in_(task_ids))
-    rows = session.execute(started, {"instance_id": instance_id, "now": now}).mappings().all()
-    rows = sorted(rows, key=lambda row: (row["created_at"], row["id"]))
+    # RETURNING gives the rows in no promised order.
+    rows = sorted(rows, key=_creation_order)
     return _records_started(session, rows, instance_id, now)
 
 
@@ -229,21 +220,24 @@ def heartbeat(session: Session, instance_id: str, expires_at: datetime) -> list[
     return list(session.exec(statement.order_by(col(TaskRow.created_at))).all())
 
 
+RECOVERY_BATCH = 1000
+"""PENDING tasks released by one recover_expired transaction, so that none keeps locks long."""
+
+
 def recover_expired(session: Session, now: datetime) -> RecoveryReport:
     session.execute(delete(LeaseRow).where(col(LeaseRow.expires_at) < now))
-    rows = _lock_active_tasks(
-        session,
-        col(TaskRow.owner).is_not(None),
-        col(TaskRow.owner).not_in(select(LeaseRow.instance_id)),
-        skip_locked=True,
+    orphaned = (
+        TASK_TABLE.c.owner.is_not(None),
+        TASK_TABLE.c.owner.not_in(select(LeaseRow.instance_id)),
     )
-    return _take_back_all(session, rows, now)
+    # A task that another transaction has locked (its owner finishing it just now) is left
+    # for the next pass, rather than waited for.
+    return _take_back_all(session, orphaned, now, skip_locked=True, limit=RECOVERY_BATCH)
 
 
 def release(session: Session, instance_id: str, now: datetime) -> RecoveryReport:
     session.execute(delete(LeaseRow).where(col(LeaseRow.instance_id) == instance_id))
-    rows = _lock_active_tasks(session, col(TaskRow.owner) == instance_id, skip_locked=False)
-    return _take_back_all(session, rows, now)
+    return _take_back_all(session, (TASK_TABLE.c.owner == instance_id,), now, skip_locked=False)
 
 
 def cancel(session: Session, task_id: str, now: datetime) -> TaskRecord:
@@ -339,6 +333,34 @@ STARTED_VALUES = {
 }
 _START_ATTEMPTS = update(TASK_TABLE).values(STARTED_VALUES).returning(*TASK_COLUMNS)
 """Starts the next attempt of the tasks that a WHERE clause added to it selects."""
+
+
+def _locked_ids(*conditions: Any, skip_locked: bool, limit: Any = None) -> Any:
+    """Return a condition on ``id`` that matches the tasks a locking subquery selects.
+
+    The subquery is a MATERIALIZED common table expression, so that PostgreSQL runs it
+    once: a subquery planned inside a join may run again, and lock other rows when it
+    does. SKIP LOCKED lets concurrent callers on PostgreSQL take different tasks. SQLite
+    ignores the locking clause, because its write lock already runs writers one at a time.
+    """
+    statement = select_columns(TASK_TABLE.c.id).where(*conditions)
+    if limit is not None:
+        statement = statement.order_by(TASK_TABLE.c.created_at, TASK_TABLE.c.id).limit(limit)
+    locked = statement.with_for_update(skip_locked=skip_locked).cte().prefix_with("MATERIALIZED")
+    return TASK_TABLE.c.id.in_(select_columns(locked.c.id))
+
+
+# One statement claims the batch: it selects the oldest claimable tasks and starts them.
+_CLAIM_NEXT = _START_ATTEMPTS.where(
+    _locked_ids(
+        OWNERLESS_PENDING,
+        TASK_TABLE.c.name.in_(bindparam("names", expanding=True)),
+        *_CLAIMABLE,
+        skip_locked=True,
+        limit=bindparam("limit"),
+    )
+)
+
 # One UPDATE both checks and claims, so that of concurrent claims at most one matches.
 CLAIM_CONDITIONS = (
     TASK_TABLE.c.id == bindparam("task_id"),
@@ -475,22 +497,47 @@ def _changed_values(row: Mapping[Any, Any], record: TaskRecord) -> dict[str, Any
     return {name: value for name, value in mutable_values(record).items() if value != row[name]}
 
 
-def _lock_active_tasks(session: Session, *conditions: Any, skip_locked: bool) -> list[TaskRow]:
-    statuses = [status.value for status in ACTIVE_STATUSES]
+def _take_back_all(
+    session: Session,
+    owned: Sequence[Any],
+    now: datetime,
+    *,
+    skip_locked: bool,
+    limit: int | None = None,
+) -> RecoveryReport:
+    """Take back the active tasks that the conditions ``owned`` select.
+
+    PENDING tasks lose their owner in one statement, because a dead instance may hold
+    thousands: the oldest ``limit`` of them, or all. RUNNING tasks, at most the concurrency
+    of their instance, end their attempt one at a time, as ``take_back`` describes.
+    """
+    report = RecoveryReport()
+    pending = (TASK_TABLE.c.status == TaskStatus.PENDING.value, *owned)
     statement = (
+        update(TASK_TABLE)
+        .where(_locked_ids(*pending, skip_locked=skip_locked, limit=limit))
+        .values(owner=None)
+        .returning(*TASK_COLUMNS)
+    )
+    released: list[Mapping[Any, Any]] = sorted(
+        session.execute(statement).mappings().all(), key=_creation_order
+    )
+    report.released.extend(row["id"] for row in released)
+    write_changes(session).tasks_written(released)
+
+    running = (
         select(TaskRow)
-        .where(col(TaskRow.status).in_(statuses), *conditions)
+        .where(col(TaskRow.status) == TaskStatus.RUNNING.value, *owned)
         .order_by(col(TaskRow.created_at), col(TaskRow.id))
         .with_for_update(skip_locked=skip_locked)
     )
-    return list(session.exec(statement).all())
-
-
-def _take_back_all(session: Session, rows: Iterable[TaskRow], now: datetime) -> RecoveryReport:
-    report = RecoveryReport()
-    for row in rows:
+    for row in session.exec(running).all():
         _change(session, row, lambda record: take_back(record, now, report))
     return report
+
+
+def _creation_order(row: Mapping[Any, Any]) -> tuple[Any, Any]:
+    return row["created_at"], row["id"]
 
 
 def _change_task(

@@ -1,4 +1,4 @@
-"""The read queries of SqlStore: one task, pages of tasks, and metrics."""
+"""The read queries of SqlStore: one task, pages of tasks, metrics and the next lease end."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from app_taskflow.stores.sql_schema import (
     TAG_TABLE,
     TASK_TABLE,
     AttemptRow,
+    LeaseRow,
     LogRow,
     TaskRow,
     UtcDateTime,
@@ -57,6 +58,12 @@ def full_record(session: Session, row: TaskRow) -> TaskRecord:
     log_statement = select(LogRow).where(col(LogRow.task_id) == row.id)
     logs = session.exec(log_statement.order_by(col(LogRow.id))).all()
     return record_from_row(row, attempts=attempts, logs=logs)
+
+
+def earliest_lease_end(session: Session) -> datetime | None:
+    """Return the earliest end among the stored leases, or ``None`` when none is stored."""
+    statement = select(LeaseRow.expires_at).order_by(col(LeaseRow.expires_at)).limit(1)
+    return session.exec(statement).first()
 
 
 def list_page(session: Session, query: TaskQuery, after: tuple[datetime, str] | None) -> TaskPage:

@@ -258,6 +258,9 @@ class JsonFileStore(TaskStore):
             and record.cancel_requested
         ]
 
+    async def earliest_lease_end(self) -> datetime | None:
+        return min(self._leases.values(), default=None)
+
     async def recover_expired(self, now: datetime) -> RecoveryReport:
         for instance_id, expires_at in list(self._leases.items()):
             if expires_at < now:

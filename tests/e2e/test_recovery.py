@@ -123,8 +123,9 @@ def test_recovery_takes_over_dead_instance(servers: ServerFactory, tmp_path: Pat
     print(f"Recovered the dead instance's tasks {recovery_seconds:.2f} s after SIGKILL")
     runs = Counter(read_lines(run_file))
     statuses = {task["id"]: task["status"] for task in tasks}
-    # The lease ends at most LEASE_EXPIRY after the kill, and the survivor checks every
-    # HEARTBEAT_INTERVAL. The extra second covers the store calls and this test's polling.
+    # The lease ends at most LEASE_EXPIRY after the kill. The survivor looks at the leases
+    # every POLL_INTERVAL, and makes a full pass every HEARTBEAT_INTERVAL whatever it finds.
+    # The extra second covers the store calls and this test's polling.
     assert recovery_seconds < LEASE_EXPIRY + HEARTBEAT_INTERVAL + 1.0
     assert set(runs) == set(record_ids)
     assert set(runs.values()) == {1}

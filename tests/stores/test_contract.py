@@ -896,6 +896,69 @@ async def test_recover_expired_second_call_recovers_nothing(
     assert await store.recover_expired(clock(21)) == RecoveryReport()
 
 
+async def test_recover_expired_releases_every_pending(
+    store: TaskStore, make_record: RecordFactory, clock: Clock
+) -> None:
+    task_ids = [await create_task(store, make_record(owner=INSTANCE_A)) for _ in range(5)]
+    live_id = await create_task(store, make_record(owner=INSTANCE_B))
+    await store.heartbeat(INSTANCE_A, clock(0), expires_at=clock(10))
+    await store.heartbeat(INSTANCE_B, clock(0), expires_at=clock(30))
+
+    report = await store.recover_expired(clock(20))
+
+    assert report == RecoveryReport(released=task_ids)
+    claimed = await store.claim_next(INSTANCE_B, clock(21), limit=10, names=TASK_NAMES)
+    assert [task.id for task in claimed] == task_ids
+    live = await store.get(live_id)
+    assert live is not None
+    assert live.owner == INSTANCE_B
+
+
+async def test_recover_expired_repeated_takes_all(
+    store: TaskStore, make_record: RecordFactory, clock: Clock
+) -> None:
+    # More tasks than the built-in stores take back in one call.
+    records = [make_record(owner=INSTANCE_A) for _ in range(1500)]
+    await store.create(records)
+    await store.heartbeat(INSTANCE_A, clock(0), expires_at=clock(10))
+
+    released: list[str] = []
+    while batch := (await store.recover_expired(clock(20))).released:
+        released.extend(batch)
+
+    assert released == [record.id for record in records]
+
+
+# earliest_lease_end
+
+
+async def test_earliest_lease_end_none_stored(store: TaskStore) -> None:
+    assert await store.earliest_lease_end() is None
+
+
+async def test_earliest_lease_end_first_of_leases(store: TaskStore, clock: Clock) -> None:
+    await store.heartbeat(INSTANCE_A, clock(0), expires_at=clock(30))
+    await store.heartbeat(INSTANCE_B, clock(0), expires_at=clock(10))
+
+    assert await store.earliest_lease_end() == clock(10)
+
+
+async def test_earliest_lease_end_after_renewal(store: TaskStore, clock: Clock) -> None:
+    await store.heartbeat(INSTANCE_A, clock(0), expires_at=clock(10))
+    await store.heartbeat(INSTANCE_B, clock(0), expires_at=clock(30))
+    await store.heartbeat(INSTANCE_A, clock(5), expires_at=clock(40))
+
+    assert await store.earliest_lease_end() == clock(30)
+
+
+async def test_earliest_lease_end_after_recovery(store: TaskStore, clock: Clock) -> None:
+    await store.heartbeat(INSTANCE_A, clock(0), expires_at=clock(10))
+    await store.heartbeat(INSTANCE_B, clock(0), expires_at=clock(30))
+    await store.recover_expired(clock(20))
+
+    assert await store.earliest_lease_end() == clock(30)
+
+
 # release
 
 

@@ -278,6 +278,21 @@ async def test_claim_next_concurrent_no_duplicates(
     assert all(len(claimed) > 0 for claimed in claimed_per_store)
 
 
+async def test_recover_expired_concurrent_takes_each_once(
+    open_store: StoreOpener, make_record: RecordFactory, clock: Clock
+) -> None:
+    stores = [await open_store() for _ in range(4)]
+    records = [make_record(owner="instance-gone") for _ in range(200)]
+    await stores[0].create(records)
+    await stores[0].heartbeat("instance-gone", clock(0), expires_at=clock(10))
+
+    reports = await asyncio.gather(*(store.recover_expired(clock(20)) for store in stores))
+
+    released = [task_id for report in reports for task_id in report.released]
+    assert len(released) == len(records)
+    assert set(released) == {record.id for record in records}
+
+
 async def test_create_concurrent_same_key_one_task(
     open_store: StoreOpener, make_record: RecordFactory
 ) -> None:

@@ -350,16 +350,22 @@ local function take_back(id, now, report)
   change_task(old, values)
 end
 
--- Take back the tasks of the given owners, oldest first; reply with the three id lists.
-local function take_back_owners(owners, now)
+-- Take back the tasks of the given owners, oldest first. When limit is a number, take back
+-- at most that many. Reply with the three id lists.
+local function take_back_owners(owners, now, limit)
+  local last = limit and limit - 1 or -1
   local positions = {}
   for _, owner in ipairs(owners) do
-    for _, position in ipairs(redis.call('ZRANGE', owned_key(owner), 0, -1)) do
+    -- Each owned set is in creation order, so its first limit members are all it can give.
+    for _, position in ipairs(redis.call('ZRANGE', owned_key(owner), 0, last)) do
       positions[#positions + 1] = position
     end
   end
   table.sort(positions, precedes)
   local report = {released = {}, requeued = {}, interrupted = {}}
-  for _, position in ipairs(positions) do take_back(id_of(position), now, report) end
+  for i, position in ipairs(positions) do
+    if limit and i > limit then break end
+    take_back(id_of(position), now, report)
+  end
   return {report.released, report.requeued, report.interrupted}
 end
