@@ -9,7 +9,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -25,7 +25,7 @@ from app_taskflow.models import (
     TaskStatus,
     utcnow,
 )
-from app_taskflow.outage import StoreHealth, TaskBuffer, is_unavailable
+from app_taskflow.outage import MAX_BACKOFF, StoreCaller, StoreHealth, TaskBuffer
 from app_taskflow.runner import MAX_ERROR_MESSAGE_CHARS, Runner, decide_outcome, safe_text
 from app_taskflow.stores.base import TaskStore
 from app_taskflow.tasks import TaskRegistry
@@ -33,11 +33,6 @@ from app_taskflow.timeline import TaskTimeline
 
 T = TypeVar("T")
 
-_FIRST_BACKOFF = 0.05
-_MAX_BACKOFF = 5.0
-_OTHER_FAILURE_RETRIES = 5
-_SHUTDOWN_STORE_WAIT = 5.0
-"""Seconds a stopping instance waits for an unreachable store before it gives up."""
 _BUFFER_BATCH = 500
 _MAX_CLAIM = 100
 """Maximum number of tasks that one ``claim_next`` call claims."""
@@ -148,8 +143,8 @@ class Dispatcher:
         self._tags: dict[str, dict[str, str]] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._store_wait_ends_at: float | None = None
         self.health = StoreHealth()
+        self._store_call = StoreCaller(self.health, lambda: self._stopping)
         self.timeline = TaskTimeline(instance_id)
         self._buffer = TaskBuffer(settings.outage_buffer_size)
         self._buffer_ready = asyncio.Event()
@@ -507,7 +502,7 @@ class Dispatcher:
         back_since = self.health.back_since
         if back_since is None:
             return False
-        wait = _MAX_BACKOFF + self._settings.heartbeat_interval
+        wait = MAX_BACKOFF + self._settings.heartbeat_interval
         return time.monotonic() - back_since < wait
 
     async def _renew_lease(self) -> list[str]:
@@ -621,64 +616,6 @@ class Dispatcher:
                     f"save logs of task {task_id}",
                     partial(self.store.append_logs, task_id, entries),
                 )
-
-    async def _store_call(
-        self,
-        action: str,
-        call: Callable[[], Awaitable[T]],
-        *,
-        wait_out_outage: bool = True,
-    ) -> T | None:
-        """Run a store call and return its result, or None once it gave up.
-
-        An unreachable store is waited out with backoff for as long as the dispatcher runs,
-        so that the results of tasks that ran during an outage are written once the store
-        is back. Once the dispatcher is stopping, the wait ends after
-        ``_SHUTDOWN_STORE_WAIT`` seconds. With ``wait_out_outage`` False, an unreachable
-        store gives up at once, for a call that is safe only while the store responds. Any
-        other error is retried a few times, then logged at ERROR and given up.
-        """
-        loop = asyncio.get_running_loop()
-        delay = _FIRST_BACKOFF
-        other_failures = 0
-        while True:
-            try:
-                result = await call()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                if is_unavailable(error):
-                    self.health.record_failure(action, error)
-                    if not wait_out_outage:
-                        return None
-                    if self._stopping:
-                        # One deadline for the whole shutdown, not one per call.
-                        if self._store_wait_ends_at is None:
-                            self._store_wait_ends_at = loop.time() + _SHUTDOWN_STORE_WAIT
-                        if loop.time() >= self._store_wait_ends_at:
-                            log.error("Could not {} before shutdown: {}", action, error)
-                            return None
-                else:
-                    other_failures += 1
-                    if other_failures > _OTHER_FAILURE_RETRIES:
-                        log.opt(exception=error).error(
-                            "Could not {} after {} tries; giving up", action, other_failures
-                        )
-                        return None
-                    log.warning(
-                        "Could not {} ({}: {}); try {} of {}, retrying in {:.2f} s",
-                        action,
-                        type(error).__name__,
-                        error,
-                        other_failures,
-                        _OTHER_FAILURE_RETRIES + 1,
-                        delay,
-                    )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_BACKOFF)
-                continue
-            self.health.record_success()
-            return result
 
     def buffer_tasks(self, records: list[TaskRecord]) -> bool:
         """Keep tasks added while the store is unreachable; return False if the buffer is full.
