@@ -152,7 +152,7 @@ class SqlStore(TaskStore):
         self._journal_writes = 0
         # An in-memory database has one connection, which the worker threads take in turn.
         self._writer = GroupWriter(self._run_group, _GROUP_LIMIT) if threads > 1 else None
-        self._group_engine = self._write_engine
+        self._group_engine: Engine = self._write_engine
         if not self._is_sqlite:
             # The writer thread's own connection, whose lock_timeout is that of a group.
             self._group_engine = _create_group_engine(self._engine, busy_timeout)
