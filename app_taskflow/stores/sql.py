@@ -76,10 +76,10 @@ _GROUPED_ON_POSTGRES = frozenset(
 """The writes that the writer thread runs in groups on PostgreSQL.
 
 These are the frequent writes, and each locks only the rows it names (claim_next skips
-locked rows), so a group holds its locks for milliseconds. The others, recover_expired,
-release, prune, cancel and retry, run in worker threads, one transaction each: they are
-rare, and the first three lock many rows, or wait for the locks of other instances, which
-would hold up every write of a group.
+locked rows), so a group holds its locks for milliseconds. The others (recover_expired,
+release, prune, cancel and retry) run in worker threads, one transaction each. They are
+rare, and they lock many rows or wait for the locks of other instances, which would hold
+up every write of a group.
 """
 
 _GROUP_LOCK_TIMEOUT = 1.0
@@ -153,6 +153,7 @@ class SqlStore(TaskStore):
         # An in-memory database has one connection, which the worker threads take in turn.
         self._writer = GroupWriter(self._run_group, _GROUP_LIMIT) if threads > 1 else None
         self._group_engine: Engine = self._write_engine
+        self._commit_lock_timeout = _milliseconds(busy_timeout)
         if not self._is_sqlite:
             # The writer thread's own connection, whose lock_timeout is that of a group.
             self._group_engine = _create_group_engine(self._engine, busy_timeout)
@@ -343,6 +344,11 @@ class SqlStore(TaskStore):
                 isolated = True
                 continue
             except DBAPIError as error:
+                if self._is_lock_timeout(error):
+                    for pending in running:
+                        pending.error = self._lock_timeout_error(pending.operation)
+                        pending.error.__cause__ = error
+                    return
                 if not self._is_transient(error):
                     self._fail_group(running, error)
                     return
@@ -378,9 +384,9 @@ class SqlStore(TaskStore):
 
         On PostgreSQL a write (or batch) that times out waiting for a row lock leaves
         ``group``, with ``_LockWaitInGroupError`` as its error, so that the caller runs it
-        alone. Then this returns False without ``isolated``, and goes on with the next write
-        with it. A deadlock or serialization failure raises, and the caller runs the whole
-        group again.
+        alone. Without ``isolated`` this then returns False. With it, the next write runs.
+        A deadlock or serialization failure raises, and the caller runs the whole group
+        again.
         """
         for pending in group:
             pending.result = pending.error = None
@@ -414,6 +420,14 @@ class SqlStore(TaskStore):
                         return True  # The only write failed, so its transaction rolls back unused.
             if entries:
                 write_journal(connection, entries, trim=self._journal_writes % TRIM_EVERY == 0)
+            if not self._is_sqlite:
+                # A commit that sends notifications waits for a lock of the server's
+                # notification queue, which every database of the server shares. Under load
+                # that wait can pass the group's lock timeout, so the commit gets the whole
+                # busy_timeout, as a write in a worker thread does.
+                connection.exec_driver_sql(
+                    f"SET LOCAL lock_timeout = '{self._commit_lock_timeout}'"
+                )
             connection.commit()
         if entries:
             self._journal_writes += 1
@@ -570,6 +584,11 @@ def _create_group_engine(engine: Engine, busy_timeout: float) -> Engine:
     return group_engine
 
 
+def _milliseconds(seconds: float) -> str:
+    """Return ``seconds`` as a PostgreSQL duration in whole milliseconds, at least 1 ms."""
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
 def _missing_driver_error(parsed: URL, location: str, error: ImportError) -> MissingExtraError:
     extra = _DRIVER_EXTRAS.get(parsed.get_backend_name())
     advice = (
@@ -648,7 +667,7 @@ def _configure_postgres(engine: Engine, lock_timeout: float) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(
             "SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false)",
-            [f"{max(1, round(lock_timeout * 1000))}ms"],
+            [_milliseconds(lock_timeout)],
         )
         cursor.close()
         # The settings are undone if the transaction that made them rolls back.

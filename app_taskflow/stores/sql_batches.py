@@ -176,7 +176,8 @@ def _claimable(row: Mapping[str, Any], instance_id: str, now: datetime) -> bool:
 _CLAIM_MANY = update(TASK_TABLE).values(STARTED_VALUES).where(*CLAIM_CONDITIONS)
 # On PostgreSQL the rows stay locked until the group commits, so no other instance changes
 # them between the checks in Python and the UPDATE. Locking in id order keeps two batches
-# of two instances from deadlocking each other.
+# of two instances from deadlocking each other. Writes that lock in other orders can still
+# deadlock, and then SqlStore runs the group again.
 _LOCK_TASKS = (
     select_columns(*TASK_COLUMNS)
     .where(TASK_TABLE.c.id.in_(bindparam("task_ids", expanding=True)))

@@ -353,7 +353,7 @@ async def create_running(
 async def in_one_group(
     store: SqlStore, url: str, clock: Clock, writes: list[Callable[[], Awaitable[Any]]]
 ) -> list[Any]:
-    """Run ``writes`` in one group of the writer thread; return their results or errors.
+    """Run ``writes`` in one group of the writer thread, and return their results or errors.
 
     Another connection holds the lease row of INSTANCE_B while a heartbeat waits for it, so
     that the writes queue behind the heartbeat and the writer thread takes them all at once.
@@ -477,8 +477,8 @@ async def test_group_write_waiting_for_lock_runs_alone(
         holder.execute("SELECT 1 FROM taskflow_tasks WHERE id = %s FOR UPDATE", [running.id])
         finish = asyncio.ensure_future(store.finish(running.id, INSTANCE_A, 1, success(clock)))
         await wait_for_lock_wait(database_url)
-        # The finish leaves the writer thread after the group's lock timeout (1 s), and
-        # waits on in a worker thread, so later writes commit meanwhile.
+        # The finish leaves the writer thread after the group's lock timeout (1 s) and keeps
+        # waiting in a worker thread, so later writes commit meanwhile.
         created = await asyncio.wait_for(store.create([record]), timeout=5)
         assert not finish.done()
         holder.rollback()
