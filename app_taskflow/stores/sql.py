@@ -68,7 +68,27 @@ _WORKER_THREADS = 4
 """Maximum number of database calls that run at once, each in a worker thread."""
 
 _GROUP_LIMIT = 200
-"""Maximum number of writes that one SQLite transaction of the writer thread commits."""
+"""Maximum number of writes that one transaction of the writer thread commits."""
+
+_GROUPED_ON_POSTGRES = frozenset(
+    {"create", "claim", "claim_next", "finish", "append_logs", "heartbeat"}
+)
+"""The writes that the writer thread runs in groups on PostgreSQL.
+
+These are the frequent writes, and each locks only the rows it names (claim_next skips
+locked rows), so a group holds its locks for milliseconds. The others (recover_expired,
+release, prune, cancel and retry) run in worker threads, one transaction each. They are
+rare, and they lock many rows or wait for the locks of other instances, which would hold
+up every write of a group.
+"""
+
+_GROUP_LOCK_TIMEOUT = 1.0
+"""Seconds a write of a PostgreSQL group waits for a row lock before it leaves the group.
+
+Another group holds its locks for milliseconds, so a longer wait means a long transaction
+elsewhere. The write then runs again alone in a worker thread, which waits up to
+``busy_timeout``, and the rest of its group commits without it.
+"""
 
 _FIRST_RETRY_DELAY = 0.01
 _MAX_RETRY_DELAY = 0.2
@@ -100,10 +120,12 @@ class SqlStore(TaskStore):
     under an advisory lock, so instances that start at once migrate once.
 
     Calls run in a few worker threads, so the event loop does not wait on the database.
-    On SQLite, which writes one transaction at a time, writes run in one thread instead,
-    which commits all the writes waiting in one transaction (group commit), with a few
-    statements for all the claims of a group and a few for all its finishes. A write that
-    fails does not fail the others of its group.
+    Writes run in one thread instead, which commits all the writes waiting in one
+    transaction (group commit), with a few statements for all the claims of a group and a
+    few for all its finishes. A write that fails does not fail the others of its group. On
+    PostgreSQL only the frequent writes run in groups (see ``_GROUPED_ON_POSTGRES``), on a
+    connection of their own, and a group that ends in a deadlock or serialization failure
+    runs again as a whole.
     ``watch()`` delivers the changes of every instance, this one's included, in commit
     order: on SQLite from a change journal read every 0.25 s and after each commit of this
     store, on PostgreSQL through LISTEN/NOTIFY.
@@ -129,9 +151,12 @@ class SqlStore(TaskStore):
         self._limiter = anyio.CapacityLimiter(threads)
         self._journal_writes = 0
         # An in-memory database has one connection, which the worker threads take in turn.
-        self._writer = (
-            GroupWriter(self._run_group, _GROUP_LIMIT) if self._is_sqlite and threads > 1 else None
-        )
+        self._writer = GroupWriter(self._run_group, _GROUP_LIMIT) if threads > 1 else None
+        self._group_engine: Engine = self._write_engine
+        self._commit_lock_timeout = _milliseconds(busy_timeout)
+        if not self._is_sqlite:
+            # The writer thread's own connection, whose lock_timeout is that of a group.
+            self._group_engine = _create_group_engine(self._engine, busy_timeout)
         self._feed: ChangeFeed
         if self._is_sqlite:
             self._feed = SqlitePoller(self._read)
@@ -155,6 +180,8 @@ class SqlStore(TaskStore):
         await self._feed.close()
         if self._writer is not None:
             await self._writer.close()
+        if self._group_engine is not self._write_engine:
+            await anyio.to_thread.run_sync(self._group_engine.dispose, limiter=self._limiter)
         await anyio.to_thread.run_sync(self._engine.dispose, limiter=self._limiter)
 
     async def create(self, records: Sequence[TaskRecord]) -> list[str]:
@@ -235,9 +262,13 @@ class SqlStore(TaskStore):
         )
 
     async def _write(self, operation: str, work: Callable[[Session, *Ts], T], *args: *Ts) -> T:
-        if self._writer is not None:
-            result: T = await self._writer.submit(operation, work, args)
-            return result
+        if self._writer is not None and (self._is_sqlite or operation in _GROUPED_ON_POSTGRES):
+            try:
+                result: T = await self._writer.submit(operation, work, args)
+            except _LockWaitInGroupError:
+                pass  # The write runs alone below, and waits as long as busy_timeout.
+            else:
+                return result
         return await anyio.to_thread.run_sync(
             self._run_in_thread, operation, True, work, *args, limiter=self._limiter
         )
@@ -295,37 +326,46 @@ class SqlStore(TaskStore):
     def _run_group(self, group: builtins.list[PendingWrite]) -> None:
         """Commit the writes of ``group`` in one transaction, retried on transient conflicts.
 
-        Sets the result or error of every write, like ``_run_in_thread`` for one write.
+        Sets the result or error of every write, like ``_run_in_thread`` for one write. A
+        retry runs the whole group again, because a deadlock or serialization failure on
+        PostgreSQL rolls back the whole transaction.
         """
         deadline = time.monotonic() + self._busy_timeout
         delay = _FIRST_RETRY_DELAY
         retries = 0
         isolated = False
+        # The writes still in the group: a write that waited too long for a lock leaves it.
+        running = list(group)
         while True:
             try:
-                if self._commit_group(group, isolated):
+                if self._commit_group(running, isolated):
                     return
                 # A write failed: run the group again with each write in a savepoint.
                 isolated = True
                 continue
             except DBAPIError as error:
+                if self._is_lock_timeout(error):
+                    for pending in running:
+                        pending.error = self._lock_timeout_error(pending.operation)
+                        pending.error.__cause__ = error
+                    return
                 if not self._is_transient(error):
-                    self._fail_group(group, error)
+                    self._fail_group(running, error)
                     return
                 pause = delay * random.uniform(0.5, 1.0)
                 if time.monotonic() + pause > deadline:
-                    for pending in group:
+                    for pending in running:
                         pending.error = self._lock_timeout_error(pending.operation)
                         pending.error.__cause__ = error
                     return
             except SQLAlchemyError as error:
-                self._fail_group(group, error)
+                self._fail_group(running, error)
                 return
 
             retries += 1
             log.debug(
                 "Task store busy during a group of {} writes; retry {} in {:.3f} s",
-                len(group),
+                len(running),
                 retries,
                 pause,
             )
@@ -341,13 +381,19 @@ class SqlStore(TaskStore):
         rolls the transaction back, and this returns False unless it was the only write.
         Without ``isolated``, the writes of each kind that has a batch form (claims and
         finishes) also run as one batch, and a batch fails as a whole.
+
+        On PostgreSQL a write (or batch) that times out waiting for a row lock leaves
+        ``group``, with ``_LockWaitInGroupError`` as its error, so that the caller runs it
+        alone. Without ``isolated`` this then returns False. With it, the next write runs.
+        A deadlock or serialization failure raises, and the caller runs the whole group
+        again.
         """
         for pending in group:
             pending.result = pending.error = None
         batches = [[pending] for pending in group] if isolated else _batches(group)
         entries: builtins.list[dict[str, Any]] = []
         with (
-            self._write_engine.connect() as connection,
+            self._group_engine.connect() as connection,
             Session(
                 bind=connection, join_transaction_mode="rollback_only", expire_on_commit=False
             ) as shared,
@@ -362,6 +408,11 @@ class SqlStore(TaskStore):
                 except Exception as error:
                     if isinstance(error, DBAPIError) and self._is_transient(error):
                         raise  # The whole group runs again.
+                    if isinstance(error, DBAPIError) and self._is_lock_timeout(error):
+                        _leave_group(group, batch)
+                        if isolated:
+                            continue  # Its savepoint was rolled back.
+                        return False
                     if not isolated and len(group) > 1:
                         return False
                     batch[0].error = self._write_error(batch[0].operation, error)
@@ -369,6 +420,14 @@ class SqlStore(TaskStore):
                         return True  # The only write failed, so its transaction rolls back unused.
             if entries:
                 write_journal(connection, entries, trim=self._journal_writes % TRIM_EVERY == 0)
+            if not self._is_sqlite:
+                # A commit that sends notifications waits for a lock of the server's
+                # notification queue, which every database of the server shares. Under load
+                # that wait can pass the group's lock timeout, so the commit gets the whole
+                # busy_timeout, as a write in a worker thread does.
+                connection.exec_driver_sql(
+                    f"SET LOCAL lock_timeout = '{self._commit_lock_timeout}'"
+                )
             connection.commit()
         if entries:
             self._journal_writes += 1
@@ -385,7 +444,7 @@ class SqlStore(TaskStore):
         session's copies stale.
         """
         try:
-            changes = begin_write_changes(session, journals=True)
+            changes = begin_write_changes(session, journals=self._is_sqlite)
             if len(batch) == 1:
                 batch[0].result = batch[0].work(session, *batch[0].args)
             else:
@@ -407,7 +466,7 @@ class SqlStore(TaskStore):
         ) as session:
             session.begin()
             try:
-                changes = begin_write_changes(session, journals=True)
+                changes = begin_write_changes(session, journals=self._is_sqlite)
                 pending.result = pending.work(session, *pending.args)
                 session.commit()
             except BaseException:
@@ -518,6 +577,18 @@ def _create_engine(url: str, busy_timeout: float) -> tuple[Engine, str]:
     return engine, location
 
 
+def _create_group_engine(engine: Engine, busy_timeout: float) -> Engine:
+    """Create the engine of the writer thread on PostgreSQL: one connection, short lock waits."""
+    group_engine = create_engine(engine.url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+    _configure_postgres(group_engine, min(busy_timeout, _GROUP_LOCK_TIMEOUT))
+    return group_engine
+
+
+def _milliseconds(seconds: float) -> str:
+    """Return ``seconds`` as a PostgreSQL duration in whole milliseconds, at least 1 ms."""
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
 def _missing_driver_error(parsed: URL, location: str, error: ImportError) -> MissingExtraError:
     extra = _DRIVER_EXTRAS.get(parsed.get_backend_name())
     advice = (
@@ -527,6 +598,23 @@ def _missing_driver_error(parsed: URL, location: str, error: ImportError) -> Mis
     )
     return MissingExtraError(
         f"The database driver for {location} is not installed ({error}). {advice}"
+    )
+
+
+class _LockWaitInGroupError(Exception):
+    """The error of a write that left its group because it waited too long for a row lock."""
+
+
+def _leave_group(group: builtins.list[PendingWrite], batch: builtins.list[PendingWrite]) -> None:
+    """Take the writes of ``batch`` out of ``group``, to run alone (see _GROUP_LOCK_TIMEOUT)."""
+    for pending in batch:
+        group.remove(pending)
+        pending.result = None
+        pending.error = _LockWaitInGroupError()
+    log.debug(
+        "{} {} timed out waiting for a row lock in a group of writes; they run alone",
+        len(batch),
+        batch[0].operation,
     )
 
 
@@ -571,7 +659,7 @@ def _configure_sqlite(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
-def _configure_postgres(engine: Engine, busy_timeout: float) -> None:
+def _configure_postgres(engine: Engine, lock_timeout: float) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, connection_record: object) -> None:
         # Session settings: UTC times in change notifications, and how long a statement
@@ -579,7 +667,7 @@ def _configure_postgres(engine: Engine, busy_timeout: float) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(
             "SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false)",
-            [f"{max(1, round(busy_timeout * 1000))}ms"],
+            [_milliseconds(lock_timeout)],
         )
         cursor.close()
         # The settings are undone if the transaction that made them rolls back.

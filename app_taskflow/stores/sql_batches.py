@@ -1,4 +1,4 @@
-"""Batch forms of ``claim`` and ``finish``, which the SQLite writer thread runs for a group.
+"""Batch forms of ``claim`` and ``finish``, which the writer thread of SqlStore runs for a group.
 
 A batch form runs the calls of one kind that wait in one group with a few statements for
 all of them, where one by one each call needs two or three. It reads the tasks first,
@@ -174,9 +174,14 @@ def _claimable(row: Mapping[str, Any], instance_id: str, now: datetime) -> bool:
 
 # SQLite runs no executemany with RETURNING, so claim_many reads the rows beforehand.
 _CLAIM_MANY = update(TASK_TABLE).values(STARTED_VALUES).where(*CLAIM_CONDITIONS)
+# On PostgreSQL the rows stay locked until the group commits, so no other instance changes
+# them between the checks in Python and the UPDATE. Locking in id order keeps two batches
+# of two instances from deadlocking each other. Writes that lock in other orders can still
+# deadlock, and then SqlStore runs the group again.
 _LOCK_TASKS = (
     select_columns(*TASK_COLUMNS)
     .where(TASK_TABLE.c.id.in_(bindparam("task_ids", expanding=True)))
+    .order_by(TASK_TABLE.c.id)
     .with_for_update()
 )
 # The WHERE clause repeats finish's checks, and the other parameters are the columns to set.

@@ -1,10 +1,12 @@
-"""The writer thread of SqlStore on SQLite, which commits the writes that wait in groups.
+"""The writer thread of SqlStore, which commits the writes that wait in groups.
 
 SQLite lets one connection write at a time, and every commit costs about as much as the
 writes in it. So instead of worker threads that queue for the write lock one transaction
 each, one thread takes every write waiting (up to a limit) and runs them in one
-transaction: a group commit. The store runs each write in a savepoint of its own, so that
-one failing write leaves the others of its group to commit.
+transaction: a group commit. On PostgreSQL, where a write of a few statements costs a few
+round trips and a commit, the frequent writes go through the thread too. When a write
+fails, the store runs the group again with each write in a savepoint of its own, so that
+the others of its group commit.
 """
 
 from __future__ import annotations

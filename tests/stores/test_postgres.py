@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from servers import POSTGRES, require_server
 from sqlalchemy import create_engine
+from sqlalchemy.exc import DBAPIError
 from test_sql import (
     Watcher,
     check_tags,
@@ -31,12 +32,18 @@ from test_sql import (
     schema_of_models,
 )
 
-from app_taskflow.errors import SchemaVersionError, StoreUnavailableError, TaskStateError
+from app_taskflow.errors import (
+    SchemaVersionError,
+    StoreError,
+    StoreUnavailableError,
+    TaskStateError,
+)
 from app_taskflow.models import AttemptOutcome, LogEntry, TaskQuery, TaskRecord, TaskStatus
-from app_taskflow.stores import sql_queries
+from app_taskflow.stores import sql_operations, sql_queries
 from app_taskflow.stores.sql import SqlStore
 from app_taskflow.stores.sql_migrations import SCHEMA_VERSION
 from app_taskflow.stores.sql_watch import LISTENER_NAME
+from app_taskflow.stores.sql_writer import PendingWrite
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -46,6 +53,7 @@ StoreOpener = Callable[..., Awaitable[SqlStore]]
 
 ADMIN_URL = f"postgresql://postgres@{POSTGRES.address}/test"
 INSTANCE_A = "instance-a"
+INSTANCE_B = "instance-b"
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +78,19 @@ def empty_database(admin_connection: Any) -> Iterator[str]:
         yield f"postgresql+psycopg://postgres@{POSTGRES.address}/{name}"
     finally:
         admin_connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def quick_deadlock_database(admin_connection: Any, empty_database: str) -> str:
+    """Return the URL of a new empty database whose sessions check for deadlocks after 0.3 s.
+
+    The default deadlock_timeout (1 s) equals the lock timeout of a group of writes, so
+    that either could end a deadlock of a group. With 0.3 s the deadlock check ends it.
+    A session checks once per lock wait, so the deadlock must form within those 0.3 s.
+    """
+    name = empty_database.rsplit("/", 1)[1]
+    admin_connection.execute(f"ALTER DATABASE \"{name}\" SET deadlock_timeout = '300ms'")
+    return empty_database
 
 
 @pytest.fixture
@@ -311,6 +332,283 @@ async def test_create_concurrent_same_key_one_task(
         assert ids == ids_per_store[0]
     page = await stores[0].list(TaskQuery(limit=100))
     assert len(page.items) == len(keys)
+
+
+# groups of the writer thread
+
+
+def success(clock: Clock) -> AttemptOutcome:
+    return AttemptOutcome(status=TaskStatus.SUCCESS, finished_at=clock(10), duration=0.5)
+
+
+async def create_running(
+    store: SqlStore, make_record: RecordFactory, clock: Clock, instance_id: str = INSTANCE_A
+) -> TaskRecord:
+    record = make_record()
+    await store.create([record])
+    await store.claim(record.id, instance_id, clock(1))
+    return record
+
+
+async def in_one_group(
+    store: SqlStore, url: str, clock: Clock, writes: list[Callable[[], Awaitable[Any]]]
+) -> list[Any]:
+    """Run ``writes`` in one group of the writer thread, and return their results or errors.
+
+    Another connection holds the lease row of INSTANCE_B while a heartbeat waits for it, so
+    that the writes queue behind the heartbeat and the writer thread takes them all at once.
+    """
+    await store.heartbeat(INSTANCE_B, clock(0), clock(60))
+    writer = store._writer
+    assert writer is not None
+    run_group = writer._run_group
+    sizes: list[int] = []
+
+    def run_and_count(group: list[PendingWrite]) -> None:
+        sizes.append(len(group))
+        run_group(group)
+
+    writer._run_group = run_and_count
+    try:
+        with psycopg.connect(plain_url(url)) as holder:
+            holder.execute(
+                "SELECT 1 FROM taskflow_leases WHERE instance_id = %s FOR UPDATE", [INSTANCE_B]
+            )
+            blocker = asyncio.ensure_future(store.heartbeat(INSTANCE_B, clock(0), clock(60)))
+            await wait_for_lock_wait(url)
+            results = asyncio.gather(*(write() for write in writes), return_exceptions=True)
+            await asyncio.sleep(0.1)
+            holder.rollback()
+        await blocker
+        gathered = await results
+    finally:
+        writer._run_group = run_group
+    assert sizes == [1, len(writes)]
+    return gathered
+
+
+async def test_group_failed_write_spares_others(
+    open_store: StoreOpener, database_url: str, make_record: RecordFactory, clock: Clock
+) -> None:
+    store = await open_store()
+    existing = make_record()
+    pending = make_record()
+    await store.create([existing, pending])
+    running = await create_running(store, make_record, clock)
+    first, duplicate, last = make_record(), make_record(id=existing.id), make_record()
+
+    results = await in_one_group(
+        store,
+        database_url,
+        clock,
+        [
+            lambda: store.create([first]),
+            lambda: store.create([duplicate]),
+            lambda: store.claim(pending.id, INSTANCE_A, clock(2)),
+            lambda: store.finish(running.id, INSTANCE_A, 1, success(clock)),
+            lambda: store.create([last]),
+        ],
+    )
+
+    assert results[0] == [first.id]
+    assert isinstance(results[1], StoreError)
+    assert isinstance(results[2], TaskRecord)
+    assert results[3] is True
+    assert results[4] == [last.id]
+    assert await store.get(first.id) == first
+    assert await store.get(last.id) == last
+    claimed = await store.get(pending.id)
+    assert claimed is not None
+    assert claimed.status is TaskStatus.RUNNING
+    finished = await store.get(running.id)
+    assert finished is not None
+    assert finished.status is TaskStatus.SUCCESS
+
+
+async def test_group_notifies_each_change_once(
+    open_store: StoreOpener,
+    database_url: str,
+    watchers: list[Watcher],
+    make_record: RecordFactory,
+    clock: Clock,
+) -> None:
+    store = await open_store()
+    existing, pending = make_record(), make_record()
+    await store.create([existing, pending])
+    running = await create_running(store, make_record, clock)
+    created = make_record()
+    # A write that fails after its first record went in: it is rolled back unnotified.
+    lost, duplicate = make_record(), make_record(id=existing.id)
+    watcher = await start_watcher(store, watchers, make_record, clock)
+
+    results = await in_one_group(
+        store,
+        database_url,
+        clock,
+        [
+            lambda: store.create([created]),
+            lambda: store.create([lost, duplicate]),
+            lambda: store.claim(pending.id, INSTANCE_A, clock(2)),
+            lambda: store.append_logs(running.id, [LogEntry(timestamp=clock(3), message="note")]),
+            lambda: store.finish(running.id, INSTANCE_A, 1, success(clock)),
+        ],
+    )
+    await store.append_logs(existing.id, [LogEntry(timestamp=clock(4), message="end")])
+    changes = await watcher.read_until(
+        lambda change: change.log is not None and change.log.message == "end"
+    )
+
+    assert isinstance(results[1], StoreError)
+    assert describe(changes, created.id) == ["PENDING"]
+    assert describe(changes, lost.id) == []
+    assert describe(changes, pending.id) == ["RUNNING"]
+    assert describe(changes, running.id) == ["log note", "SUCCESS"]
+    assert describe(changes, existing.id) == ["log end"]
+
+
+async def test_group_write_waiting_for_lock_runs_alone(
+    open_store: StoreOpener, database_url: str, make_record: RecordFactory, clock: Clock
+) -> None:
+    store = await open_store()
+    running = await create_running(store, make_record, clock)
+    record = make_record()
+
+    with psycopg.connect(plain_url(database_url)) as holder:
+        holder.execute("SELECT 1 FROM taskflow_tasks WHERE id = %s FOR UPDATE", [running.id])
+        finish = asyncio.ensure_future(store.finish(running.id, INSTANCE_A, 1, success(clock)))
+        await wait_for_lock_wait(database_url)
+        # The finish leaves the writer thread after the group's lock timeout (1 s) and keeps
+        # waiting in a worker thread, so later writes commit meanwhile.
+        created = await asyncio.wait_for(store.create([record]), timeout=5)
+        assert not finish.done()
+        holder.rollback()
+        finished = await finish
+
+    assert created == [record.id]
+    assert finished is True
+    stored = await store.get(running.id)
+    assert stored is not None
+    assert stored.status is TaskStatus.SUCCESS
+
+
+async def test_group_deadlock_runs_again(
+    quick_deadlock_database: str,
+    open_store: StoreOpener,
+    make_record: RecordFactory,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = await open_store(quick_deadlock_database)
+    commit_group = store._commit_group
+    errors: list[str | None] = []
+
+    def commit_and_note_error(group: list[PendingWrite], isolated: bool) -> bool:
+        try:
+            return commit_group(group, isolated)
+        except DBAPIError as error:
+            errors.append(getattr(error.orig, "sqlstate", None))
+            raise
+
+    monkeypatch.setattr(store, "_commit_group", commit_and_note_error)
+    logged = await create_running(store, make_record, clock)
+    finished = await create_running(store, make_record, clock)
+    loop = asyncio.get_running_loop()
+    entry = LogEntry(timestamp=clock(2), message="sent")
+    group = [
+        PendingWrite(
+            "append_logs", sql_operations.append_logs, (logged.id, [entry]), loop.create_future()
+        ),
+        PendingWrite(
+            "finish",
+            sql_operations.finish,
+            (finished.id, INSTANCE_A, 1, success(clock)),
+            loop.create_future(),
+        ),
+    ]
+
+    # The group locks the first task (key share), then waits for the second, which the
+    # other transaction holds and which then waits for the first: a deadlock, in which
+    # PostgreSQL rolls back the group's transaction, the first to check.
+    with psycopg.connect(plain_url(quick_deadlock_database)) as other:
+        other.execute("SET deadlock_timeout = '10s'")
+        other.execute("SELECT 1 FROM taskflow_tasks WHERE id = %s FOR UPDATE", [finished.id])
+        run = asyncio.ensure_future(asyncio.to_thread(store._run_group, group))
+        await wait_for_lock_wait(quick_deadlock_database)
+        query = "SELECT 1 FROM taskflow_tasks WHERE id = %s FOR UPDATE"
+        await asyncio.to_thread(other.execute, query, [logged.id])
+        other.commit()
+        await run
+
+    assert errors == ["40P01"]
+    assert [pending.error for pending in group] == [None, None]
+    assert group[1].result is True
+    stored_log = await store.get(logged.id)
+    assert stored_log is not None
+    assert [log.message for log in stored_log.logs] == ["sent"]
+    stored_finish = await store.get(finished.id)
+    assert stored_finish is not None
+    assert stored_finish.status is TaskStatus.SUCCESS
+
+
+async def test_groups_two_stores_same_tasks(
+    quick_deadlock_database: str, open_store: StoreOpener, make_record: RecordFactory, clock: Clock
+) -> None:
+    first = await open_store(quick_deadlock_database)
+    second = await open_store(quick_deadlock_database)
+    records = [make_record() for _ in range(100)]
+    await first.create(records)
+    ids = [record.id for record in records]
+    entry = LogEntry(timestamp=clock(2), message="working")
+
+    claims = await asyncio.gather(
+        *(first.claim(task_id, INSTANCE_A, clock(1)) for task_id in ids),
+        *(second.claim(task_id, INSTANCE_B, clock(1)) for task_id in reversed(ids)),
+        return_exceptions=True,
+    )
+    claimed_by_first = claims[: len(ids)]
+    claimed_by_second = list(reversed(claims[len(ids) :]))
+    owners: dict[str, str] = {}
+    for task_id, by_first, by_second in zip(ids, claimed_by_first, claimed_by_second, strict=True):
+        assert not isinstance(by_first, BaseException)
+        assert not isinstance(by_second, BaseException)
+        assert (by_first is None) != (by_second is None)
+        owners[task_id] = INSTANCE_A if by_first is not None else INSTANCE_B
+
+    # Both stores write logs and finish every task, in opposite orders, so that their
+    # groups lock the same rows in different orders.
+    finishes = await asyncio.gather(
+        *(
+            write
+            for task_id in ids
+            for write in (
+                first.append_logs(task_id, [entry]),
+                first.finish(task_id, INSTANCE_A, 1, success(clock)),
+            )
+        ),
+        *(
+            write
+            for task_id in reversed(ids)
+            for write in (
+                second.append_logs(task_id, [entry]),
+                second.finish(task_id, INSTANCE_B, 1, success(clock)),
+            )
+        ),
+        return_exceptions=True,
+    )
+
+    assert not [result for result in finishes if isinstance(result, BaseException)]
+    finished_by_first = finishes[1 : 2 * len(ids) : 2]
+    finished_by_second = list(reversed(finishes[2 * len(ids) + 1 :: 2]))
+    for task_id, by_first, by_second in zip(
+        ids, finished_by_first, finished_by_second, strict=True
+    ):
+        assert by_first is (owners[task_id] == INSTANCE_A)
+        assert by_second is (owners[task_id] == INSTANCE_B)
+        task = await first.get(task_id)
+        assert task is not None
+        assert task.status is TaskStatus.SUCCESS
+        assert task.attempts == 1
+        assert len(task.logs) == 2
 
 
 # list, metrics and prune
