@@ -32,6 +32,7 @@ from app_taskflow.stores.records import (
     cancel_record,
     check_retryable,
     check_same_task,
+    is_claimable,
     requeue,
     take_back,
 )
@@ -296,8 +297,4 @@ def _is_after(record: TaskRecord, cursor: tuple[datetime, str], newest_first: bo
 
 
 def _is_claimable(record: TaskRecord, now: datetime) -> bool:
-    return (
-        record.status is TaskStatus.PENDING
-        and not record.cancel_requested
-        and (record.scheduled_at is None or record.scheduled_at <= now)
-    )
+    return is_claimable(record.status, record.cancel_requested, record.scheduled_at, now)

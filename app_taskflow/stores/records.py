@@ -15,6 +15,21 @@ from app_taskflow.models import (
 )
 
 
+def is_claimable(
+    status: str, cancel_requested: bool, scheduled_at: datetime | None, now: datetime
+) -> bool:
+    """Return whether a task in this state may start an attempt at ``now``, owner aside.
+
+    ``status`` is a ``TaskStatus`` or its value. The SQL store checks the same conditions
+    in the WHERE clause of its claims.
+    """
+    return (
+        status == TaskStatus.PENDING
+        and not cancel_requested
+        and (scheduled_at is None or scheduled_at <= now)
+    )
+
+
 def check_same_task(existing: TaskRecord, new: TaskRecord) -> None:
     """Raise ``IdempotencyConflictError`` unless both records describe the same call."""
     if (existing.name, existing.args, existing.kwargs) != (new.name, new.args, new.kwargs):

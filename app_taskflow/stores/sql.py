@@ -345,18 +345,14 @@ class SqlStore(TaskStore):
                 continue
             except DBAPIError as error:
                 if self._is_lock_timeout(error):
-                    for pending in running:
-                        pending.error = self._lock_timeout_error(pending.operation)
-                        pending.error.__cause__ = error
+                    self._time_out_group(running, error)
                     return
                 if not self._is_transient(error):
                     self._fail_group(running, error)
                     return
                 pause = delay * random.uniform(0.5, 1.0)
                 if time.monotonic() + pause > deadline:
-                    for pending in running:
-                        pending.error = self._lock_timeout_error(pending.operation)
-                        pending.error.__cause__ = error
+                    self._time_out_group(running, error)
                     return
             except SQLAlchemyError as error:
                 self._fail_group(running, error)
@@ -481,6 +477,11 @@ class SqlStore(TaskStore):
         store_error = self._store_error(operation, error)
         store_error.__cause__ = error
         return store_error
+
+    def _time_out_group(self, group: builtins.list[PendingWrite], error: DBAPIError) -> None:
+        for pending in group:
+            pending.error = self._lock_timeout_error(pending.operation)
+            pending.error.__cause__ = error
 
     def _fail_group(self, group: builtins.list[PendingWrite], error: SQLAlchemyError) -> None:
         for pending in group:

@@ -17,6 +17,7 @@ from sqlalchemy import select as select_columns
 from sqlmodel import Session
 
 from app_taskflow.models import AttemptOutcome, AttemptRecord, TaskRecord, TaskStatus
+from app_taskflow.stores.records import is_claimable
 from app_taskflow.stores.sql_operations import (
     CLAIM_CONDITIONS,
     STARTED_VALUES,
@@ -164,11 +165,8 @@ def _lock_tasks(session: Session, task_ids: Iterable[str]) -> dict[str, dict[str
 
 def _claimable(row: Mapping[str, Any], instance_id: str, now: datetime) -> bool:
     """Return whether ``claim`` would start the task of ``row``, by the conditions of its UPDATE."""
-    return (
-        row["status"] == TaskStatus.PENDING.value
-        and not row["cancel_requested"]
-        and row["owner"] in (None, instance_id)
-        and (row["scheduled_at"] is None or row["scheduled_at"] <= now)
+    return row["owner"] in (None, instance_id) and is_claimable(
+        row["status"], row["cancel_requested"], row["scheduled_at"], now
     )
 
 

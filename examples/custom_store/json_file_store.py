@@ -38,6 +38,7 @@ from app_taskflow.stores.records import (
     cancel_record,
     check_retryable,
     check_same_task,
+    is_claimable,
     requeue,
     take_back,
 )
@@ -433,11 +434,7 @@ def _finished_at(record: TaskRecord) -> datetime:
 
 
 def _is_claimable(record: TaskRecord, now: datetime) -> bool:
-    return (
-        record.status is TaskStatus.PENDING
-        and not record.cancel_requested
-        and (record.scheduled_at is None or record.scheduled_at <= now)
-    )
+    return is_claimable(record.status, record.cancel_requested, record.scheduled_at, now)
 
 
 def _has_tags(record: TaskRecord, tags: dict[str, str]) -> bool:
