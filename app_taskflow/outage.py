@@ -17,7 +17,7 @@ T = TypeVar("T")
 FIRST_BACKOFF = 0.05
 """Seconds before the first retry of a failed store call; each retry doubles it."""
 MAX_BACKOFF = 5.0
-"""Longest wait in seconds between two tries of a store call."""
+"""Maximum wait in seconds between two tries of a store call."""
 OTHER_FAILURE_RETRIES = 5
 """Retries of a store call that failed for another reason than an outage."""
 SHUTDOWN_STORE_WAIT = 5.0

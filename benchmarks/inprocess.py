@@ -271,7 +271,8 @@ async def _measure_log_cost(context: Context, at_info: dict[str, float]) -> None
     """Run the batched async row again with the lines of the task timeline dropped.
 
     The difference to the row above is what the three INFO lines of each task (added,
-    started, succeeded) cost; loguru drops them unformatted when its sink is at WARNING.
+    started, succeeded) cost, because loguru drops them unformatted when its sink is at
+    WARNING.
     """
     plan = context.plan
     table = Table(

@@ -127,7 +127,7 @@ async def test_outage_result_written_after_store_returns() -> None:
 # one, most recoveries follow a look at the leases.
 @pytest.mark.parametrize("heartbeat_interval", [0.05, 0.2], ids=["full-pass", "lease-look"])
 async def test_outage_longer_than_lease_keeps_tasks(heartbeat_interval: float) -> None:
-    # The instance's own lease expires during the outage. Once the store answers, the lease
+    # The instance's own lease expires during the outage. Once the store responds, the lease
     # must be renewed before any recovery, or the instance takes back its own running task.
     # The renewal comes last here, after every other call that waited out the outage.
     async for running in start_outage_app(
